@@ -1,0 +1,1 @@
+"""Inference engines contributed through ``inferno_engines()``."""
