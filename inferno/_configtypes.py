@@ -14,7 +14,9 @@ Every type offers three methods (the :class:`ValueType` protocol):
   accepts, for ``inferno config <role>``.
 
 Parsed values are immutable (lists become tuples) because a
-:class:`inferno.config.Config` is read-only.
+:class:`inferno.config.Config` is read-only.  This module holds the protocol,
+the scalars and lists; durations, sizes and addresses are in
+:mod:`inferno._configunits`.
 """
 
 from __future__ import annotations
@@ -22,25 +24,25 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple, Protocol, TypeAlias
+from typing import Any, ClassVar, Protocol, TypeAlias
 
 __all__ = [
-    "Address",
     "Bool",
-    "Duration",
     "Enum",
     "Float",
-    "HostPort",
     "Int",
     "ListOf",
     "Path",
-    "Size",
     "Str",
     "TomlValue",
     "ValueType",
+    "bounds",
+    "check_bounds",
+    "kind_of",
+    "show",
+    "wrong_kind",
 ]
 
 #: What ``render`` returns: a value the TOML writer knows how to spell.
@@ -96,11 +98,11 @@ def kind_of(raw: object) -> str:
     return "a date or time" if hasattr(raw, "isoformat") else type(raw).__name__
 
 
-def _wrong_kind(expected: str, raw: object) -> ValueError:
+def wrong_kind(expected: str, raw: object) -> ValueError:
     return ValueError(f"expected {expected}, got {kind_of(raw)} {show(raw)}")
 
 
-def _bounds(
+def bounds(
     what: str, low: float | None, high: float | None, fmt: Callable[[Any], str] = str
 ) -> str:
     if low is not None and high is not None:
@@ -112,7 +114,7 @@ def _bounds(
     return what
 
 
-def _check_bounds(
+def check_bounds(
     value: float,
     low: float | None,
     high: float | None,
@@ -123,232 +125,6 @@ def _check_bounds(
         raise ValueError(f"{show(raw)} is below the minimum {fmt(low)}")
     if high is not None and value > high:
         raise ValueError(f"{show(raw)} is above the maximum {fmt(high)}")
-
-
-# --- durations ---------------------------------------------------------------
-
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-# One or more "<number><unit>" parts, as in 250ms, 5s, 1h30m, 1.5s.
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h)")
-_DURATION_WHOLE = re.compile(r"(?:(?:\d+(?:\.\d+)?|\.\d+)(?:ms|s|m|h))+")
-_NUMBER = re.compile(r"\d+(?:\.\d+)?|\.\d+")
-
-
-def format_duration(seconds: float) -> str:
-    """Spell a duration the way people write it: ``250ms``, ``5s``, ``2m``, ``1h``.
-
-    A duration no unit spells as a whole number (``1.0001s``) falls back to
-    seconds with a decimal point, which :class:`Duration` reads back.
-    """
-    for unit, scale in (("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 0.001)):
-        count = seconds / scale
-        if count >= 1 and math.isclose(count, round(count), rel_tol=0, abs_tol=1e-9):
-            return f"{round(count)}{unit}"
-    if seconds == 0:
-        return "0s"
-    return f"{seconds:.9f}".rstrip("0") + "s"
-
-
-@dataclass(frozen=True, slots=True)
-class Duration:
-    """A length of time, parsed to float seconds: ``250ms``, ``5s``, ``2m``, ``1h30m``.
-
-    A bare number (TOML number or numeric string) is seconds.  Negative,
-    infinite and NaN durations are errors: no timeout means "never" here.
-    """
-
-    min: float | None = None
-    max: float | None = None
-    metavar: ClassVar[str] = "DURATION"
-
-    def parse(self, raw: object) -> float:
-        if isinstance(raw, bool):
-            raise _wrong_kind("a duration", raw)
-        if isinstance(raw, (int, float)):
-            seconds = float(raw)
-        elif isinstance(raw, str):
-            seconds = self._parse_text(raw)
-        else:
-            raise _wrong_kind("a duration", raw)
-        if not math.isfinite(seconds):
-            raise ValueError(f"{show(raw)} is not a finite duration")
-        if seconds < 0:
-            raise ValueError(f"{show(raw)} is negative")
-        _check_bounds(seconds, self.min, self.max, raw, format_duration)
-        return seconds
-
-    @staticmethod
-    def _parse_text(raw: str) -> float:
-        text = raw.strip()
-        if text.startswith("-") and len(text) > 1:
-            raise ValueError(f"{show(raw)} is negative")
-        if _NUMBER.fullmatch(text):
-            return float(text)
-        if not _DURATION_WHOLE.fullmatch(text):
-            raise ValueError(f"{show(raw)} is not a duration")
-        return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(text))
-
-    def describe(self) -> str:
-        what = _bounds("a duration", self.min, self.max, format_duration)
-        return f"{what} such as 250ms, 5s, 2m, 1h or 1h30m (a bare number is seconds)"
-
-    def render(self, value: Any) -> TomlValue:
-        return format_duration(float(value))
-
-
-# --- sizes -------------------------------------------------------------------
-
-_SIZE_UNITS = {
-    "b": 1,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-    "tb": 1000**4,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "tib": 1024**4,
-}
-_SIZE_TEXT = re.compile(r"(\d+)(?:\.(\d+))?\s*([A-Za-z]*)")
-
-
-def format_size(count: int) -> TomlValue:
-    """Spell a byte count with the largest binary unit that divides it, else as an integer."""
-    for unit in ("TiB", "GiB", "MiB", "KiB"):
-        scale = _SIZE_UNITS[unit.lower()]
-        if count and count % scale == 0:
-            return f"{count // scale}{unit}"
-    return count
-
-
-@dataclass(frozen=True, slots=True)
-class Size:
-    """A number of bytes, parsed to int: ``512B``, ``64KiB``, ``1MiB``, ``10KB``.
-
-    ``KiB``/``MiB``/``GiB``/``TiB`` are powers of 1024, ``KB``/``MB``/``GB``/``TB``
-    powers of 1000 (units are case-insensitive).  A bare integer is bytes.
-    A fraction is allowed when it comes to whole bytes (``1.5KiB``).
-    """
-
-    min: int | None = None
-    max: int | None = None
-    metavar: ClassVar[str] = "SIZE"
-
-    def parse(self, raw: object) -> int:
-        if isinstance(raw, bool):
-            raise _wrong_kind("a size", raw)
-        if isinstance(raw, int):
-            count = raw
-        elif isinstance(raw, float) and raw.is_integer():
-            count = int(raw)
-        elif isinstance(raw, str):
-            count = self._parse_text(raw)
-        elif isinstance(raw, float):
-            raise ValueError(f"{show(raw)} is not a whole number of bytes")
-        else:
-            raise _wrong_kind("a size", raw)
-        if count < 0:
-            raise ValueError(f"{show(raw)} is negative")
-        _check_bounds(count, self.min, self.max, raw)
-        return count
-
-    @staticmethod
-    def _parse_text(raw: str) -> int:
-        text = raw.strip()
-        if text.startswith("-") and len(text) > 1:
-            raise ValueError(f"{show(raw)} is negative")
-        match = _SIZE_TEXT.fullmatch(text)
-        if not match:
-            raise ValueError(f"{show(raw)} is not a size")
-        whole, fraction, unit = match.groups()
-        scale = _SIZE_UNITS.get(unit.lower() or "b")
-        if scale is None:
-            raise ValueError(f"{show(raw)} has an unknown unit {unit!r}")
-        count = int(whole) * scale
-        if fraction:
-            # Exact integer arithmetic: 1.5KiB is 1536 bytes, 1.0001KiB is an error.
-            numerator = int(fraction) * scale
-            denominator = 10 ** len(fraction)
-            if numerator % denominator:
-                raise ValueError(f"{show(raw)} is not a whole number of bytes")
-            count += numerator // denominator
-        return count
-
-    def describe(self) -> str:
-        what = _bounds("a size", self.min, self.max)
-        return (
-            f"{what} in bytes, with an optional unit B, KB, MB, GB, TB (powers of 1000) "
-            "or KiB, MiB, GiB, TiB (powers of 1024), such as 64KiB or 1MiB"
-        )
-
-    def render(self, value: Any) -> TomlValue:
-        return format_size(int(value))
-
-
-# --- addresses ---------------------------------------------------------------
-
-MAX_PORT = 65535  # TCP/UDP ports are 16-bit; 0 asks the OS for a free one.
-
-
-class HostPort(NamedTuple):
-    """A parsed ``host:port``; a tuple, so it unpacks as ``host, port = address``."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class Address:
-    """A ``host:port`` (``127.0.0.1:8080``, ``[::1]:8080``), parsed to :class:`HostPort`.
-
-    The host is required: ``:8080`` is refused rather than guessed, because
-    guessing "every interface" would expose a port the operator meant to keep
-    private.
-    """
-
-    metavar: ClassVar[str] = "HOST:PORT"
-
-    def parse(self, raw: object) -> HostPort:
-        if not isinstance(raw, str):
-            raise _wrong_kind("an address string", raw)
-        text = raw.strip()
-        if text.startswith("["):
-            host, bracket, rest = text[1:].partition("]")
-            if not bracket:
-                raise ValueError(f"{show(raw)} has no closing ']' after the IPv6 address")
-            if not rest:
-                raise ValueError(f"{show(raw)} has no port")
-            if not rest.startswith(":"):
-                raise ValueError(f"{show(raw)} needs ':' between ']' and the port")
-            port_text = rest[1:]
-        else:
-            if ":" not in text:
-                raise ValueError(f"{show(raw)} has no port")
-            if text.count(":") > 1:
-                raise ValueError(f"{show(raw)} looks like an IPv6 address without [brackets]")
-            host, _, port_text = text.partition(":")
-        if not host:
-            raise ValueError(f"{show(raw)} has no host")
-        if any(c.isspace() or c in "/[]@" for c in host):
-            raise ValueError(f"{show(raw)} has an invalid host {host!r}")
-        if not port_text:
-            raise ValueError(f"{show(raw)} has no port")
-        if not (port_text.isascii() and port_text.isdigit()):
-            raise ValueError(f"{show(raw)} has a port {port_text!r} that is not a number")
-        port = int(port_text)
-        if port > MAX_PORT:
-            raise ValueError(f"{show(raw)} has a port out of range")
-        return HostPort(host, port)
-
-    def describe(self) -> str:
-        return f"host:port or [IPv6]:port with a port from 0 to {MAX_PORT}"
-
-    def render(self, value: Any) -> TomlValue:
-        return str(HostPort(*value))
 
 
 # --- scalars -----------------------------------------------------------------
@@ -373,7 +149,7 @@ class Bool:
             if word in _FALSE_WORDS:
                 return False
             raise ValueError(f"{show(raw)} is not a boolean")
-        raise _wrong_kind("a boolean", raw)
+        raise wrong_kind("a boolean", raw)
 
     def describe(self) -> str:
         return "true/false, yes/no, on/off or 1/0"
@@ -397,7 +173,7 @@ class Enum:
 
     def parse(self, raw: object) -> str:
         if not isinstance(raw, str):
-            raise _wrong_kind("a string", raw)
+            raise wrong_kind("a string", raw)
         word = raw.strip().lower()
         for choice in self.choices:
             if choice.lower() == word:
@@ -421,7 +197,7 @@ class Int:
 
     def parse(self, raw: object) -> int:
         if isinstance(raw, bool):
-            raise _wrong_kind("an integer", raw)
+            raise wrong_kind("an integer", raw)
         if isinstance(raw, int):
             value = raw
         elif isinstance(raw, str):
@@ -430,12 +206,12 @@ class Int:
             except ValueError:
                 raise ValueError(f"{show(raw)} is not an integer") from None
         else:
-            raise _wrong_kind("an integer", raw)
-        _check_bounds(value, self.min, self.max, raw)
+            raise wrong_kind("an integer", raw)
+        check_bounds(value, self.min, self.max, raw)
         return value
 
     def describe(self) -> str:
-        return _bounds("an integer", self.min, self.max)
+        return bounds("an integer", self.min, self.max)
 
     def render(self, value: Any) -> TomlValue:
         return int(value)
@@ -451,7 +227,7 @@ class Float:
 
     def parse(self, raw: object) -> float:
         if isinstance(raw, bool):
-            raise _wrong_kind("a number", raw)
+            raise wrong_kind("a number", raw)
         if isinstance(raw, (int, float)):
             value = float(raw)
         elif isinstance(raw, str):
@@ -460,14 +236,14 @@ class Float:
             except ValueError:
                 raise ValueError(f"{show(raw)} is not a number") from None
         else:
-            raise _wrong_kind("a number", raw)
+            raise wrong_kind("a number", raw)
         if not math.isfinite(value):
             raise ValueError(f"{show(raw)} is not a finite number")
-        _check_bounds(value, self.min, self.max, raw)
+        check_bounds(value, self.min, self.max, raw)
         return value
 
     def describe(self) -> str:
-        return _bounds("a number", self.min, self.max)
+        return bounds("a number", self.min, self.max)
 
     def render(self, value: Any) -> TomlValue:
         return float(value)
@@ -481,7 +257,7 @@ class Str:
 
     def parse(self, raw: object) -> str:
         if not isinstance(raw, str):
-            raise _wrong_kind("a string", raw)
+            raise wrong_kind("a string", raw)
         return raw
 
     def describe(self) -> str:
@@ -502,7 +278,7 @@ class Path:
 
     def parse(self, raw: object) -> pathlib.Path:
         if not isinstance(raw, str):
-            raise _wrong_kind("a path string", raw)
+            raise wrong_kind("a path string", raw)
         if not raw.strip():
             raise ValueError("the path is empty")
         if "\0" in raw:
@@ -533,7 +309,7 @@ class ListOf:
 
     @property
     def metavar(self) -> str:
-        return f"{self.inner.metavar}[,...]"
+        return f"{self.inner.metavar},..."  # no brackets: argparse usage wrapping chokes on them
 
     def parse(self, raw: object) -> tuple[Any, ...]:
         items: list[object]
@@ -542,7 +318,7 @@ class ListOf:
         elif isinstance(raw, (list, tuple)):
             items = list(raw)
         else:
-            raise _wrong_kind("a list", raw)
+            raise wrong_kind("a list", raw)
         values = []
         for position, item in enumerate(items, start=1):
             try:
