@@ -306,7 +306,7 @@ def _describe_init_error(nvml: Any, exc: Exception) -> str:
     """Turn the usual ``nvmlInit`` failures into a sentence an operator can act on."""
     code = getattr(exc, "value", None)
     if code is not None and code == getattr(nvml, "NVML_ERROR_LIBRARY_NOT_FOUND", None):
-        return "libnvidia-ml.so.1 not found (no NVIDIA driver installed)"
+        return "libnvidia-ml.so.1 not found: no NVIDIA driver installed"
     if code is not None and code == getattr(nvml, "NVML_ERROR_DRIVER_NOT_LOADED", None):
         return "the NVIDIA kernel driver is not loaded"
     return f"nvmlInit failed: {exc}"

@@ -1,16 +1,18 @@
-"""GPU vitals through NVML.
+"""GPU vitals through NVML, and the GPU report.
 
 Two kinds of test: the real nvidia-ml-py on this machine, where it is
 installed but no NVIDIA driver exists (the path every CPU-only node takes),
 and ``FakeNVML`` below, which stands in for the *driver* behind the
 third-party ``pynvml`` module so that per-field errors, aggregation, lost
-devices and shutdown can be exercised without a GPU.  Our own code is never
-replaced.
+devices and shutdown can be exercised without a GPU; ``FakeTorch`` likewise
+stands in for PyTorch on a CUDA machine.  Our own code is never replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import io
 import json
 import logging
 import sys
@@ -29,6 +31,8 @@ from inferno_backend.gpu import (
     import_pynvml,
     main,
 )
+from inferno_backend.gpureport import gpu_report
+from inferno_backend.gpureport import main as gpureport_main
 
 GiB = 1024**3
 LOGGER = "inferno_backend.gpu"
@@ -394,3 +398,144 @@ def test_module_main_prints_one_snapshot_as_json(capsys: pytest.CaptureFixture[s
     if not driver_present():
         assert printed["gpu_usage"] is None
         assert printed["available"] is False
+
+
+# --- the GPU report ---------------------------------------------------------------
+
+
+class FakeCUDAEvent:
+    def __init__(self, torch: FakeTorch) -> None:
+        self.torch = torch
+        self.at = 0
+
+    def record(self) -> None:
+        self.at = self.torch.products
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: FakeCUDAEvent) -> float:
+        return (end.at - self.at) * FakeTorch.MS_PER_PRODUCT
+
+
+class FakeTorch:
+    """Stands in for PyTorch on a CUDA machine: each matmul "takes" 0.2 ms of GPU time.
+
+    ``fail_dtype`` makes allocations of that dtype fail as CUDA would when out of memory.
+    """
+
+    MS_PER_PRODUCT = 0.2
+    __version__ = "2.5.0+stand-in"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+    def __init__(self, uuids: list[str], fail_dtype: str | None = None) -> None:
+        self.uuids = uuids
+        self.fail_dtype = fail_dtype
+        self.products = 0
+        self.version = SimpleNamespace(cuda="12.4")
+        self.cuda = SimpleNamespace(
+            is_available=lambda: True,
+            device_count=lambda: len(uuids),
+            get_device_properties=lambda i: SimpleNamespace(name=f"Card {i}", uuid=uuids[i]),
+            device=lambda device: contextlib.nullcontext(),
+            Event=lambda enable_timing: FakeCUDAEvent(self),
+            empty_cache=lambda: None,
+        )
+
+    def device(self, kind: str, index: int) -> tuple[str, int]:
+        return kind, index
+
+    def randn(self, *shape: int, device: Any, dtype: str) -> object:
+        if dtype == self.fail_dtype:
+            raise RuntimeError("CUDA error: out of memory")
+        return object()
+
+    def empty_like(self, tensor: object) -> object:
+        return object()
+
+    def matmul(self, a: object, b: object, out: object) -> None:
+        self.products += 1
+
+
+def no_torch() -> Any:
+    raise ImportError("No module named 'torch'")
+
+
+async def report(**kwargs: Any) -> tuple[int, str]:
+    out = io.StringIO()
+    status = await gpu_report(0.01, out, samples=2, **kwargs)
+    return status, out.getvalue()
+
+
+@no_driver
+@pytest.mark.anyio
+async def test_report_without_a_driver_says_so_and_succeeds() -> None:
+    status, text = await report()
+    assert status == 0
+    assert "No NVIDIA GPU/driver found: libnvidia-ml.so.1 not found" in text
+
+
+@pytest.mark.anyio
+async def test_report_without_pynvml_says_so_and_succeeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    status, text = await report()
+    assert status == 0
+    assert "No NVIDIA GPU/driver found: nvidia-ml-py (pynvml) is not importable" in text
+
+
+@pytest.mark.anyio
+async def test_report_prints_inventory_and_samples() -> None:
+    nvml = FakeNVML(two_devices())
+    status, text = await report(load_nvml=lambda: nvml, load_torch=no_torch)
+    assert status == 0
+    lines = text.splitlines()
+    assert "driver 550.54.15, CUDA driver 12.4, 2 device(s)" in lines
+    assert "GPU 1: NVIDIA A10G" in lines
+    assert "  memory       80.0 GiB" in lines
+    assert "  power limit  700 W" in lines
+    assert "  power limit  n/a" in lines
+    assert "  pci bus id   00000000:3B:00.0" in lines
+    rows = [line for line in lines if "GiB (" in line]
+    assert len(rows) == 4  # 2 samples x 2 devices
+    assert " 50%  10.0/40.0 GiB (25%)" in rows[0]
+    assert rows[0].endswith("41 C  350/700 W")
+    assert rows[1].endswith("n/a  n/a/n/a")
+    assert lines[-1].startswith("PyTorch not importable")
+    assert nvml.shutdown_calls == 1
+
+
+@pytest.mark.anyio
+async def test_report_measures_matmul_throughput_per_device() -> None:
+    torch = FakeTorch(["0000", "1111"])
+    status, text = await report(load_nvml=lambda: FakeNVML(two_devices()), load_torch=lambda: torch)
+    assert status == 0
+    assert "Matmul throughput, 4096x4096x4096 (PyTorch 2.5.0+stand-in, CUDA 12.4):" in text
+    tflops = 2 * 4096**3 / (FakeTorch.MS_PER_PRODUCT / 1000) / 1e12
+    for line in ("cuda:0 Card 0 bf16", "cuda:0 Card 0 fp16", "cuda:1 Card 1 bf16"):
+        assert f"  {line}: {tflops:.1f} TFLOP/s" in text
+
+
+@pytest.mark.anyio
+async def test_report_fails_when_a_measurement_fails() -> None:
+    torch = FakeTorch(["0000"], fail_dtype="float16")
+    status, text = await report(load_nvml=lambda: FakeNVML(two_devices()), load_torch=lambda: torch)
+    assert status == 1
+    assert "cuda:0 Card 0 fp16: FAILED: RuntimeError('CUDA error: out of memory')" in text
+    assert "cuda:0 Card 0 bf16: " in text
+
+
+@pytest.mark.anyio
+async def test_report_with_nvml_but_no_gpu() -> None:
+    status, text = await report(load_nvml=lambda: FakeNVML([]))
+    assert status == 0
+    assert text.splitlines()[-1] == "NVML reports no GPU."
+
+
+def test_report_main(capsys: pytest.CaptureFixture[str]) -> None:
+    assert gpureport_main(["--window", "0.01", "--samples", "1", "--no-matmul"]) == 0
+    assert capsys.readouterr().out.startswith("Inferno GPU report\n")
+    with pytest.raises(SystemExit) as exited:
+        gpureport_main(["--window", "soon"])
+    assert exited.value.code == 2
+    assert "--window: not a number: 'soon'" in capsys.readouterr().err
