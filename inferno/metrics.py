@@ -112,10 +112,12 @@ def _check_metric_name(name: str, kind: str) -> None:
             f"{kind} name {name!r} must not end in _bucket, _count, _sum or _total "
             "(Prometheus reserves them for counters and histogram series)"
         )
-    for word in name.split("_"):
-        if word in _TYPE_WORDS:
+    for position, word in enumerate(name.split("_")):
+        # Like promtool, look for type words and abbreviations after an '_' only
+        # ("m_..." or "gauge_..." as a leading namespace is fine).
+        if position and word in _TYPE_WORDS:
             raise ValueError(f"metric name {name!r} must not contain the type word {word!r}")
-        if word in _UNIT_ABBREVIATIONS:
+        if position and word in _UNIT_ABBREVIATIONS:
             raise ValueError(
                 f"metric name {name!r} abbreviates a unit ({word!r}): spell it out, "
                 "in base units (seconds, bytes)"
@@ -766,10 +768,11 @@ def _parse_sample_fully(line: str) -> Sample:
         if match is None:
             raise _BadLine("expected a metric name")
         name, pos = match.group(), match.end()
-    if pos < len(line) and line[pos] == "{":
-        name, pos = _parse_labels(line, pos + 1, name, labels)
-    elif pos < len(line) and line[pos] not in " \t":
-        raise _BadLine("expected a space after the metric name")
+        if pos < len(line) and line[pos] not in " \t{":
+            raise _BadLine("expected a space or '{' after the metric name")
+    brace = len(line) - len(line[pos:].lstrip(" \t"))  # blanks may precede '{'
+    if brace < len(line) and line[brace] == "{":
+        name, pos = _parse_labels(line, brace + 1, name, labels)
     if name is None:
         raise _BadLine("no metric name")
     tokens = line[pos:].split("#", 1)[0].split()
