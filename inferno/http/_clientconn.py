@@ -1,0 +1,417 @@
+"""One HTTP/1.1 client connection: an anyio byte stream driven by h11.
+
+This is the thin driver of the client: it moves bytes between the socket and
+h11, applies the deadline of each phase and translates every foreign
+exception into :mod:`inferno.http.client_errors`.  It makes no pool decision;
+:mod:`inferno.http.client` asks it whether it can be reused and closes it.
+
+The per-request path is kept short on purpose (the proxy runs it for every
+request): the request head and a small body leave in one ``send``, reads take
+up to 64 KiB at a time, and no task is spawned.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+from collections.abc import AsyncIterable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import anyio
+import anyio.abc
+import h11
+from anyio.streams.tls import TLSStream
+
+from inferno.http.client_errors import (
+    ClientTimeout,
+    ConnectError,
+    ConnectTimeout,
+    LocalProtocolError,
+    ReadError,
+    ReadTimeout,
+    RemoteProtocolError,
+    TLSError,
+    TotalTimeout,
+    WriteError,
+    WriteTimeout,
+)
+from inferno.http.pool import Origin
+
+if TYPE_CHECKING:
+    from inferno.http.client import Timeouts
+
+__all__ = [
+    "READ_CHUNK_BYTES",
+    "Budget",
+    "ClientConnection",
+    "HeadersInput",
+    "RequestBody",
+    "build_request",
+    "check_body",
+    "open_connection",
+]
+
+READ_CHUNK_BYTES = 64 * 1024  # per receive: a whole small response in one call, big bodies in few
+COALESCE_BODY_BYTES = 64 * 1024  # bodies up to this size leave in the same send as the head
+
+RequestBody: TypeAlias = bytes | AsyncIterable[bytes] | None
+HeadersInput: TypeAlias = Mapping[str, str] | Iterable[tuple[str | bytes, str | bytes]] | None
+# Methods whose request carries content by definition: an empty one says so
+# with "Content-Length: 0" (RFC 9110, section 8.6).
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+
+_BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
+
+class Budget:
+    """The time limits of one request: each phase's timeout, capped by what is
+    left of the total deadline (``Timeouts.total``), if any.
+    """
+
+    __slots__ = ("deadline", "timeouts")
+
+    def __init__(self, timeouts: Timeouts) -> None:
+        self.timeouts = timeouts
+        total = timeouts.total
+        self.deadline = None if total is None else anyio.current_time() + total
+
+    def limit(self, phase: float | None) -> tuple[float | None, bool]:
+        """Seconds allowed for the next step of a phase, and whether the total deadline set it."""
+        deadline = self.deadline
+        if deadline is None:
+            return phase, False
+        remaining = max(deadline - anyio.current_time(), 0.0)
+        if phase is None or remaining < phase:
+            return remaining, True
+        return phase, False
+
+    def expired(
+        self, kind: type[ClientTimeout], by_total: bool, what: str, *, request_sent: bool
+    ) -> ClientTimeout:
+        """The error for a step that ran out of time: ``kind``, or TotalTimeout if the total did."""
+        if by_total:
+            return TotalTimeout(
+                f"{what}: total timeout of {self.timeouts.total}s passed",
+                request_sent=request_sent,
+            )
+        return kind(what, request_sent=request_sent)
+
+
+async def open_connection(
+    origin: Origin,
+    ssl_context: ssl.SSLContext | None,
+    budget: Budget,
+    max_header_bytes: int,
+) -> ClientConnection:
+    """Connect to ``origin`` (TCP, then TLS for https) within ``Timeouts.connect``."""
+    delay, by_total = budget.limit(budget.timeouts.connect)
+    with anyio.move_on_after(delay):
+        stream = await _connect_stream(origin, ssl_context)
+        return ClientConnection(stream, origin, max_header_bytes)
+    raise budget.expired(
+        ConnectTimeout,
+        by_total,
+        f"connecting to {origin} took longer than {delay}s",
+        request_sent=False,
+    )
+
+
+async def _connect_stream(
+    origin: Origin, ssl_context: ssl.SSLContext | None
+) -> anyio.abc.ByteStream:
+    try:
+        tcp = await anyio.connect_tcp(origin.host, origin.port)
+    except OSError as exc:
+        raise ConnectError(f"cannot connect to {origin}: {_describe(exc)}") from exc
+    try:
+        # Small requests and responses must not wait for Nagle's algorithm.
+        tcp.extra(anyio.abc.SocketAttribute.raw_socket).setsockopt(
+            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
+        )
+        if ssl_context is None:
+            return tcp
+        # HTTP frames every message, so a missing close_notify truncates
+        # nothing undetected; skipping the closing handshake keeps close quick.
+        return await TLSStream.wrap(
+            tcp, hostname=origin.host, ssl_context=ssl_context, standard_compatible=False
+        )
+    except BaseException as exc:
+        await _close_quietly(tcp)
+        if isinstance(exc, ssl.SSLError):
+            raise TLSError(f"TLS handshake with {origin} failed: {_describe(exc)}") from exc
+        if isinstance(exc, anyio.EndOfStream):
+            raise ConnectError(f"{origin} closed the connection during the TLS handshake") from exc
+        if isinstance(exc, _BROKEN):
+            raise ConnectError(f"cannot connect to {origin}: {_describe(exc)}") from exc
+        raise
+
+
+class ClientConnection:
+    """One connection to one origin, carrying one request at a time."""
+
+    __slots__ = ("_h11", "_socket", "_stream", "origin", "request_sent")
+
+    def __init__(self, stream: anyio.abc.ByteStream, origin: Origin, max_header_bytes: int) -> None:
+        self._stream = stream
+        self._socket: Any = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+        # h11 refuses a response head larger than this (RemoteProtocolError).
+        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
+        self.origin = origin
+        self.request_sent = False  # did any byte of the current request go out?
+
+    # -- reuse ---------------------------------------------------------------
+
+    def is_idle_alive(self) -> bool:
+        """Whether an idle connection can carry a request: the server has neither
+        closed it nor sent anything since the last response.
+
+        One zero-timeout poll of the socket: on an idle HTTP/1.1 connection,
+        readable means EOF, a reset or bytes nobody asked for, all fatal.
+        """
+        h = self._h11
+        if h.our_state is not h11.IDLE or h.their_state is not h11.IDLE:
+            return False
+        data, closed = h.trailing_data
+        if data or closed:
+            return False
+        sock = self._socket
+        if sock is None:
+            return True
+        fd = sock.fileno()
+        if fd < 0:  # the transport already closed it
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return not poller.poll(0)
+
+    def finish(self) -> bool:
+        """Prepare the next request/response cycle if HTTP/1.1 allows one.
+
+        True when both sides completed their message with keep-alive; then
+        the connection can go back to the pool.
+        """
+        h = self._h11
+        if h.our_state is h11.DONE and h.their_state is h11.DONE:
+            h.start_next_cycle()
+            self.request_sent = False
+            return True
+        return False
+
+    def drain_buffered(self) -> bool:
+        """Consume the rest of a response that has already arrived, without waiting.
+
+        Lets a response closed before its body was read keep its connection
+        when the body was small enough to come with the head; never reads
+        from the network (an unread large body means closing instead).
+        """
+        h = self._h11
+        try:
+            while True:
+                event = h.next_event()
+                if type(event) is h11.Data:
+                    continue
+                if type(event) is h11.EndOfMessage:
+                    return self.finish()
+                return False
+        except h11.ProtocolError:
+            return False
+
+    async def aclose(self) -> None:
+        """Close at once, shielded from cancellation; errors of a dying socket are ignored."""
+        await _close_quietly(self._stream)
+
+    # -- request -------------------------------------------------------------
+
+    async def send_request(self, request: h11.Request, body: RequestBody, budget: Budget) -> None:
+        """Send the head and the whole body (bytes, or chunks as an async iterable)."""
+        h = self._h11
+        try:
+            head = _encode(h, request)
+            if body is None or isinstance(body, bytes):
+                if body is None or len(body) <= COALESCE_BODY_BYTES:
+                    parts = [head]
+                    if body:
+                        parts.append(_encode(h, h11.Data(data=body)))
+                    parts.append(_encode(h, h11.EndOfMessage()))
+                    await self._send(b"".join(parts), budget)
+                else:
+                    await self._send(head, budget)
+                    await self._send(_encode(h, h11.Data(data=body)), budget)
+                    await self._send(_encode(h, h11.EndOfMessage()), budget)
+                return
+            await self._send(head, budget)
+            async for chunk in body:
+                if not isinstance(chunk, (bytes, bytearray, memoryview)):
+                    raise LocalProtocolError(
+                        f"request body chunks must be bytes, not {type(chunk).__name__}",
+                        request_sent=True,
+                    )
+                if chunk:
+                    await self._send(_encode(h, h11.Data(data=chunk)), budget)
+            await self._send(_encode(h, h11.EndOfMessage()), budget)
+        except h11.LocalProtocolError as exc:
+            raise LocalProtocolError(
+                f"invalid request: {exc}", request_sent=self.request_sent
+            ) from exc
+
+    async def receive_head(self, budget: Budget) -> h11.Response:
+        """Wait for the final response head, skipping 1xx informational responses."""
+        while True:
+            event = await self._next_event(budget)
+            if type(event) is h11.Response:
+                return event
+            if type(event) is h11.InformationalResponse:
+                continue
+            if type(event) is h11.ConnectionClosed:
+                raise RemoteProtocolError(
+                    f"{self.origin} closed the connection without sending a response"
+                )
+            raise RemoteProtocolError(f"unexpected {event!r} before the response head")
+
+    async def receive_data(self, budget: Budget) -> bytes | None:
+        """The next chunk of the response body as it arrives, or None at its end."""
+        event = await self._next_event(budget)
+        if type(event) is h11.Data:
+            data = event.data
+            return data if type(data) is bytes else bytes(data)
+        if type(event) is h11.EndOfMessage:
+            return None
+        raise RemoteProtocolError(f"{self.origin} ended the response early ({event!r})")
+
+    # -- I/O -----------------------------------------------------------------
+
+    async def _next_event(self, budget: Budget) -> Any:
+        h = self._h11
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _remote_error(self.origin, exc) from exc
+            if event is not h11.NEED_DATA:
+                return event
+            h.receive_data(await self._receive(budget))
+
+    async def _receive(self, budget: Budget) -> bytes:
+        delay, by_total = budget.limit(budget.timeouts.read)
+        try:
+            if delay is None:
+                return await self._stream.receive(READ_CHUNK_BYTES)
+            with anyio.move_on_after(delay):
+                return await self._stream.receive(READ_CHUNK_BYTES)
+        except anyio.EndOfStream:
+            return b""  # h11 reads an empty chunk as the end of the stream
+        except _BROKEN as exc:
+            raise ReadError(f"receiving from {self.origin} failed: {_describe(exc)}") from exc
+        raise budget.expired(
+            ReadTimeout,
+            by_total,
+            f"{self.origin} sent nothing for {delay}s",
+            request_sent=True,
+        )
+
+    async def _send(self, data: bytes, budget: Budget) -> None:
+        # From here on the transport may put bytes on the wire before it can
+        # report a failure, so the request counts as sent: never retried blindly.
+        self.request_sent = True
+        delay, by_total = budget.limit(budget.timeouts.write)
+        try:
+            if delay is None:
+                await self._stream.send(data)
+                return
+            with anyio.move_on_after(delay):
+                await self._stream.send(data)
+                return
+        except _BROKEN as exc:
+            raise WriteError(
+                f"sending to {self.origin} failed: {_describe(exc)}", request_sent=True
+            ) from exc
+        raise budget.expired(
+            WriteTimeout,
+            by_total,
+            f"{self.origin} accepted no data for {delay}s",
+            request_sent=True,
+        )
+
+
+def check_body(body: object) -> RequestBody:
+    """The body as the connection sends it; anything unusable is a clear error."""
+    if body is None or isinstance(body, bytes):
+        return body
+    if isinstance(body, (bytearray, memoryview)):
+        return bytes(body)
+    if isinstance(body, AsyncIterable):
+        return body
+    raise LocalProtocolError(
+        f"body must be bytes or an async iterable of bytes, not {type(body).__name__}"
+    )
+
+
+def build_request(
+    method: str,
+    target: bytes,
+    host: bytes,
+    headers: HeadersInput,
+    body: RequestBody,
+) -> h11.Request:
+    """The h11 request event, with Host and body framing added unless given.
+
+    Invalid input (a method or header h11 refuses, text that is not
+    encodable) raises :class:`LocalProtocolError` before any connection is used.
+    """
+    try:
+        method_bytes = method.encode("ascii").upper()
+        out: list[tuple[bytes, bytes]] = [(b"host", host)]
+        framed = False
+        if headers:
+            items = headers.items() if isinstance(headers, Mapping) else headers
+            for name, value in items:
+                raw_name = name if isinstance(name, bytes) else name.encode("ascii")
+                raw_value = value if isinstance(value, bytes) else value.encode("latin-1")
+                lower = raw_name.lower()
+                if lower == b"host":
+                    out[0] = (raw_name, raw_value)
+                    continue
+                if lower == b"content-length" or lower == b"transfer-encoding":
+                    framed = True
+                out.append((raw_name, raw_value))
+        if not framed:
+            if body is None:
+                if method_bytes in _BODY_METHODS:
+                    out.append((b"content-length", b"0"))
+            elif isinstance(body, bytes):
+                out.append((b"content-length", b"%d" % len(body)))
+            else:
+                out.append((b"transfer-encoding", b"chunked"))
+        return h11.Request(method=method_bytes, target=target, headers=out)
+    except (h11.LocalProtocolError, UnicodeError, AttributeError, TypeError, ValueError) as exc:
+        raise LocalProtocolError(f"invalid request: {exc}", request_sent=False) from exc
+
+
+def _encode(h: h11.Connection, event: Any) -> bytes:
+    data: bytes | None = h.send(event)
+    assert data is not None  # only ConnectionClosed encodes to None
+    return data
+
+
+def _remote_error(origin: Origin, exc: h11.RemoteProtocolError) -> RemoteProtocolError:
+    if exc.error_status_hint == 431:
+        return RemoteProtocolError(
+            f"{origin} sent a response head larger than max_response_header_bytes"
+        )
+    return RemoteProtocolError(f"{origin} broke HTTP/1.1: {exc}")
+
+
+def _describe(exc: BaseException) -> str:
+    """A readable cause even for exceptions without a message (anyio's often have none)."""
+    while not str(exc) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return str(exc) or type(exc).__name__
+
+
+async def _close_quietly(stream: anyio.abc.ByteStream) -> None:
+    with anyio.CancelScope(shield=True):
+        try:
+            await stream.aclose()
+        except (*_BROKEN, anyio.EndOfStream):
+            pass
