@@ -16,7 +16,7 @@ tomlkit itself is imported only when a file is actually read.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from inferno.errors import ConfigError, ConfigProblem
 __all__ = [
     "FILE_KEY",
     "TomlFile",
+    "find_redefinition",
     "format_comment",
     "format_key",
     "format_value",
@@ -94,7 +95,7 @@ def read_toml_file(path: str) -> TomlFile:
     try:
         data = tomlkit.parse(text).unwrap()
     except TOMLKitError as exc:
-        line = exc.line if isinstance(exc, ParseError) else None
+        line = exc.line if isinstance(exc, ParseError) else find_redefinition(text)
         message = _POSITION_SUFFIX.sub("", str(exc)).rstrip(".")
         if isinstance(exc, ParseError):
             message += f" (column {exc.col})"
@@ -117,6 +118,38 @@ def scan_key_lines(text: str) -> dict[tuple[str, ...], int]:
     taken for a key.
     """
     lines: dict[tuple[str, ...], int] = {}
+    for number, _, path in _statements(text):
+        for length in range(1, len(path) + 1):
+            lines.setdefault(path[:length], number)
+    return lines
+
+
+def find_redefinition(text: str) -> int | None:
+    """The line where a key or table is defined a second time, if any.
+
+    tomlkit reports some redefinitions without a line number; this finds the
+    first one so the problem can still name ``file:line``.
+    """
+    defined: set[tuple[str, ...]] = set()  # by `key =` lines, dotted prefixes included
+    headers: set[tuple[str, ...]] = set()
+    for number, kind, path in _statements(text):
+        if kind == "array":
+            # Each [[element]] starts afresh: its keys may repeat the previous element's.
+            defined = {p for p in defined if p[: len(path)] != path}
+            continue
+        if kind == "table":
+            if path in headers or path in defined:
+                return number
+            headers.add(path)
+            continue
+        if path in defined:
+            return number
+        defined.update(path[:length] for length in range(1, len(path) + 1))
+    return None
+
+
+def _statements(text: str) -> Iterator[tuple[int, str, tuple[str, ...]]]:
+    """Yield ``(line, kind, path)`` for each header (``table``/``array``) and ``key`` line."""
     table: tuple[str, ...] = ()
     closing: str | None = None  # delimiter of a multi-line string left open
     depth = 0  # brackets of a value left open
@@ -128,21 +161,16 @@ def scan_key_lines(text: str) -> dict[tuple[str, ...], int]:
         if not stripped or stripped.startswith("#"):
             continue
         if stripped.startswith("["):
-            keys, _ = _parse_key(stripped, 2 if stripped.startswith("[[") else 1)
+            array = stripped.startswith("[[")
+            keys, _ = _parse_key(stripped, 2 if array else 1)
             table = tuple(keys)
-            _record(lines, table, number)
+            yield number, "array" if array else "table", table
             continue
         keys, end = _parse_key(stripped, 0)
-        _record(lines, table + tuple(keys), number)
+        yield number, "key", table + tuple(keys)
         equals = stripped.find("=", end)
         if equals >= 0:
             closing, depth = _scan_value(stripped, equals + 1, None, 0)
-    return lines
-
-
-def _record(lines: dict[tuple[str, ...], int], path: tuple[str, ...], number: int) -> None:
-    for length in range(1, len(path) + 1):
-        lines.setdefault(path[:length], number)
 
 
 def _parse_key(text: str, i: int) -> tuple[list[str], int]:
