@@ -1,0 +1,93 @@
+"""Discovery of installed plugin distributions through real entry points, in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from inferno import hookspecs
+
+ALL_HOOKS = sorted(name for name in vars(hookspecs) if name.startswith("inferno_"))
+
+
+def plugins_json(run_inferno: Any, env: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    result = run_inferno("plugins", "--json", env=env)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def test_installed_plugin_is_found_through_its_entry_point(
+    plugin_site: Path, clean_env: dict[str, str], run_inferno: Any
+) -> None:
+    env = {**clean_env, "INFERNO_PLUGIN_PATH": f"/nonexistent:{plugin_site}"}
+    status, document = plugins_json(run_inferno, env)
+    by_name = {p["name"]: p for p in document["plugins"]}
+    hello = by_name["hello"]
+    assert hello["source"] == "entry point"
+    assert (hello["distribution"], hello["version"]) == ("inferno-hello-plugin", "0.3.1")
+    assert hello["module"] == "inferno_hello.plugin"
+    assert hello["hooks"] == ALL_HOOKS
+    assert hello["error"] is None
+    # The broken distribution is reported by entry point, distribution and error ...
+    broken = by_name["broken"]
+    assert (broken["distribution"], broken["version"]) == ("inferno-broken-plugin", "0.0.7")
+    assert broken["error"] == "RuntimeError: inferno_broken is broken on purpose"
+    assert broken["hooks"] == []
+    # ... and makes `inferno plugins` fail, so an image build can check its plugins.
+    assert status == 1
+
+
+def test_broken_plugin_does_not_stop_the_others_from_working(
+    plugin_site: Path, clean_env: dict[str, str], run_inferno: Any
+) -> None:
+    env = {**clean_env, "INFERNO_PLUGIN_PATH": str(plugin_site)}
+    result = run_inferno("--help", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "say hello to every TCP connection" in result.stdout
+    assert "1 plugin(s) failed to load" in " ".join(result.stdout.split())
+
+    text = run_inferno("plugins", env=env)
+    assert text.returncode == 1
+    assert "hello  inferno-hello-plugin 0.3.1 (entry point inferno_hello.plugin)" in text.stdout
+    assert "FAILED: RuntimeError: inferno_broken is broken on purpose" in text.stdout
+
+
+def test_without_the_plugin_path_the_plugin_is_not_found(
+    plugin_site: Path, clean_env: dict[str, str], run_inferno: Any
+) -> None:
+    _, document = plugins_json(run_inferno, clean_env)
+    names = {p["name"] for p in document["plugins"]}
+    assert not names & {"hello", "broken"}
+    result = run_inferno("hello", env=clean_env)
+    assert result.returncode == 2  # unknown command
+    assert "invalid choice: 'hello'" in result.stderr
+
+
+def test_pth_files_in_the_plugin_path_are_honoured(
+    tmp_path: Path, clean_env: dict[str, str], run_inferno: Any
+) -> None:
+    source = Path(__file__).resolve().parent.parent / "fixtures" / "thirdparty_plugin" / "src"
+    (tmp_path / "hello.pth").write_text(f"{source}\n")
+    env = {
+        **clean_env,
+        "INFERNO_PLUGIN_PATH": str(tmp_path),
+        "INFERNO_PLUGINS": "inferno_hello.plugin",
+    }
+    status, document = plugins_json(run_inferno, env)
+    assert status == 0
+    (hello,) = [p for p in document["plugins"] if p["name"] == "inferno_hello.plugin"]
+    assert hello["source"] == "INFERNO_PLUGINS"
+    assert "inferno_roles" in hello["hooks"]
+
+
+def test_importing_the_plugin_module_loads_no_plugin(clean_env: dict[str, str]) -> None:
+    source = Path(__file__).resolve().parent.parent / "fixtures" / "thirdparty_plugin" / "src"
+    env = {**clean_env, "PYTHONPATH": str(source), "INFERNO_PLUGINS": "inferno_hello.plugin"}
+    code = "import sys, inferno.plugins, inferno.cli; print('inferno_hello' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.stdout.strip() == "False", result.stderr
