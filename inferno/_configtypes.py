@@ -229,7 +229,7 @@ class Float:
         if isinstance(raw, bool):
             raise wrong_kind("a number", raw)
         if isinstance(raw, (int, float)):
-            value = float(raw)
+            value = float(raw) if abs(raw) < 10**300 else math.inf  # huge ints overflow float()
         elif isinstance(raw, str):
             try:
                 value = float(raw.strip())

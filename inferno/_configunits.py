@@ -18,6 +18,9 @@ __all__ = ["Address", "Duration", "HostPort", "Size", "format_duration", "format
 
 # --- durations ---------------------------------------------------------------
 
+#: Larger integers would overflow float(); far beyond any sensible timeout anyway.
+MAX_SECONDS = 10**300
+
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 # One or more "<number><unit>" parts, as in 250ms, 5s, 1h30m, 1.5s.
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h)")
@@ -56,7 +59,7 @@ class Duration:
         if isinstance(raw, bool):
             raise wrong_kind("a duration", raw)
         if isinstance(raw, (int, float)):
-            seconds = float(raw)
+            seconds = float(raw) if abs(raw) < MAX_SECONDS else math.inf  # no OverflowError
         elif isinstance(raw, str):
             seconds = self._parse_text(raw)
         else:

@@ -27,6 +27,7 @@ How the CLI wires flags (argparse)::
         config = load_config(
             role.sections, role=role.name, toml_path=namespace.config,
             environ=os.environ, flags=flags_from_namespace(namespace),
+            other_sections=names_of_every_other_roles_sections,  # a shared file is fine
         )
     except ConfigError as exc:
         print(exc, file=sys.stderr)  # one line per problem
@@ -44,6 +45,7 @@ A :class:`Config` is read-only: a mapping from ``"section.key"`` to values
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -199,7 +201,7 @@ def load_config(
     *,
     environ: Mapping[str, str],
     role: str | None = None,
-    toml_path: str | None = None,
+    toml_path: str | os.PathLike[str] | None = None,
     flags: Mapping[str, str | FlagValue] | None = None,
     other_sections: Collection[str] = (),
 ) -> Config:
@@ -222,7 +224,7 @@ def load_config(
     problems: list[ConfigProblem] = []
     if toml_path is not None:
         try:
-            toml_file = read_toml_file(toml_path)
+            toml_file = read_toml_file(os.fspath(toml_path))
         except ConfigError as exc:
             problems.extend(exc.problems)
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -59,6 +60,14 @@ def test_each_layer_overrides_the_one_below(
 
     config = load_config(sections, role="proxy", toml_path=path, environ=env, flags=flags)
     assert (config["proxy.port"], config.source("proxy.port")) == (1003, "flag --port")
+
+
+def test_toml_path_may_be_a_path_object(
+    sections: tuple[Section, ...], write_toml: WriteToml
+) -> None:
+    path = pathlib.Path(write_toml("[proxy]\nport = 1\n"))
+    config = load_config(sections, toml_path=path, environ={})
+    assert config.source("proxy.port") == f"{path}:2"
 
 
 def test_layers_merge_per_setting(sections: tuple[Section, ...], write_toml: WriteToml) -> None:
@@ -341,14 +350,14 @@ def test_duplicate_key_is_a_syntax_error(
     assert problem.startswith('invalid TOML: Key "port" already exists')
 
 
-def test_missing_file(sections: tuple[Section, ...], tmp_path: object) -> None:
+def test_missing_file(sections: tuple[Section, ...], tmp_path: pathlib.Path) -> None:
     path = f"{tmp_path}/absent.toml"
     assert problems_of(sections, toml_path=path) == [
         (FILE_KEY, path, "cannot read the file: No such file or directory", "a readable TOML file")
     ]
 
 
-def test_file_that_is_not_utf8(sections: tuple[Section, ...], tmp_path: object) -> None:
+def test_file_that_is_not_utf8(sections: tuple[Section, ...], tmp_path: pathlib.Path) -> None:
     path = f"{tmp_path}/latin1.toml"
     with open(path, "wb") as stream:
         stream.write(b"[proxy]\n# caf\xe9\n")

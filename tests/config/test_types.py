@@ -154,6 +154,12 @@ def test_invalid_values_say_what_is_wrong(type_: ValueType, raw: object, message
         type_.parse(raw)
 
 
+@pytest.mark.parametrize("type_", [Duration(), Float()])
+def test_huge_integers_are_refused_not_crashing(type_: ValueType) -> None:
+    with pytest.raises(ValueError, match=r"\.\.\. is not a finite"):
+        type_.parse(10**400)
+
+
 def test_long_values_are_shortened_in_messages() -> None:
     with pytest.raises(ValueError, match=r"\.\.\. is not a duration$"):
         Duration().parse("x" * 500)
