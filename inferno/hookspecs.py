@@ -115,9 +115,11 @@ def inferno_startup(role: Role, app: RoleContext) -> LifecycleResult:
 def inferno_shutdown(role: Role, app: RoleContext) -> LifecycleResult:
     """Act after a role's ``run`` coroutine has returned (or was cancelled).
 
-    Called however the role ended, including after a failed start.  The core
-    bounds the whole shutdown phase by ``runtime.shutdown_timeout``; exceptions
-    are logged and do not prevent other plugins' shutdown hooks from running.
+    Called however the role ended, including after a failed start, in the
+    reverse order of ``inferno_startup`` (the first plugin started is the last
+    stopped).  The core bounds the whole shutdown phase by
+    ``runtime.shutdown_timeout``; exceptions are logged and do not prevent
+    other plugins' shutdown hooks from running.
 
     :param role: the role that is stopping.
     :param app: the role's context (``app.stopping`` is set by then).

@@ -101,11 +101,12 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def role_sections(role: Role) -> tuple[Section, ...]:
-    """The configuration sections of ``role``: the core ones, then its own (no duplicates)."""
-    sections: dict[str, Section] = {}
-    for section in (*CORE_SECTIONS, *role.sections):
-        sections.setdefault(section.name, section)
-    return tuple(sections.values())
+    """The configuration sections of ``role``: the core ones, then its own.
+
+    A role that declares a section of the same name as a core one but different
+    settings is refused by the config module when its flags are built.
+    """
+    return (*CORE_SECTIONS, *role.sections)
 
 
 @dataclass(eq=False)
@@ -267,7 +268,8 @@ async def _shutdown(role: Role, ctx: RoleContext) -> None:
     ctx.stopping.set()
     with anyio.CancelScope(shield=True) as scope:
         scope.deadline = anyio.current_time() + ctx.shutdown_timeout
-        for impl in hook_impls(ctx.plugins, "inferno_shutdown"):
+        # Reverse order of the startup hooks: the first plugin started is the last stopped.
+        for impl in reversed(hook_impls(ctx.plugins, "inferno_shutdown")):
             try:
                 await _await_if_needed(call_impl(impl, {"role": role, "app": ctx}))
             except Exception:

@@ -353,9 +353,8 @@ def collect_named(pm: pluggy.PluginManager, hookname: str, **kwargs: Any) -> dic
             if not callable(factory):
                 raise PluginError(f"plugin {plugin!r}: {hookname}() entry {name!r} is not callable")
             if name in table:
-                clashes.append(
-                    f"{hookname}: {name!r} is offered by both {table[name].plugin!r} and {plugin!r}"
-                )
+                owners = " and ".join(repr(p) for p in sorted((table[name].plugin, plugin)))
+                clashes.append(f"{hookname}: {name!r} is offered by both {owners}")
                 continue
             table[name] = Named(name, factory, plugin)
     if clashes:
@@ -388,8 +387,7 @@ def collect_roles(pm: pluggy.PluginManager) -> dict[str, tuple[Role, str]]:
                     f"plugin {plugin!r}: role {role.name!r} clashes with a built-in command"
                 )
             if role.name in roles:
-                raise PluginError(
-                    f"role {role.name!r} is offered by both {roles[role.name][1]!r} and {plugin!r}"
-                )
+                owners = " and ".join(repr(p) for p in sorted((roles[role.name][1], plugin)))
+                raise PluginError(f"role {role.name!r} is offered by both {owners}")
             roles[role.name] = (role, plugin)
     return dict(sorted(roles.items()))
