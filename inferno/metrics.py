@@ -37,7 +37,6 @@ import math
 import re
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import suppress
 from itertools import pairwise
 from typing import Any, Final, Generic, NamedTuple, TypeVar
 
@@ -356,7 +355,9 @@ class _Family(Generic[S]):
         series = self._series.get(key)
         if series is None:
             series = self._create(key)
-        with suppress(TypeError):  # an unhashable value: still fine, it was str()-ed in key
+        # Cache the call's own items only when every value is a str: 1, 1.0 and
+        # True are equal dict keys in Python but are different label values.
+        if all(type(v) is str for v in values.values()):
             self._by_call[tuple(values.items())] = series
         return series
 

@@ -232,10 +232,13 @@ def test_labels_are_cached_and_order_insensitive() -> None:
     assert family.labels("/x", 200) is bound  # values are str()-ed
     assert family.labels(route="/x", status=200) is bound
     assert family.labels(route=["/x"], status="200") is not bound  # unhashable is fine too
+    # 1, 1.0 and True are equal as Python dict keys, not as label values.
+    assert family.labels(route="/x", status=1) is not family.labels(route="/x", status=True)
+    assert family.labels(route="/x", status=1) is not family.labels(route="/x", status=1.0)
     bound.inc()
     family.labels(route="/x", status="200").inc(2)
     assert bound.value == 3
-    assert [s.value for s in family.series()] == [3, 0]
+    assert [s.value for s in family.series()][:2] == [3, 0]
 
 
 @pytest.mark.parametrize(
