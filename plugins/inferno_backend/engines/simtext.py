@@ -188,9 +188,10 @@ def _prompt_words(prompt: str) -> tuple[tuple[str, str, str, str], ...]:
 class PseudoText:
     """An endless stream of readable-ish tokens, deterministic for its seed.
 
-    ``length`` is where the text ends by itself: the token at that position is
-    a full stop when the previous one was a word, so a naturally ended text
-    reads as finished.  Past ``length`` it simply goes on (the caller stops).
+    ``length`` is where the text ends by itself: the pieces are arranged so the
+    token at that position is a full stop (unless ``length`` is 1), and a
+    naturally ended text reads as finished.  Past ``length`` it simply goes on
+    (the caller stops).
     """
 
     __slots__ = (
@@ -223,20 +224,27 @@ class PseudoText:
     def next_piece(self) -> str:
         """The next token's text."""
         self._emitted += 1
-        final = self._emitted >= self._length
-        if self._pending_break and not final:
+        remaining = self._length - self._emitted  # tokens after this one
+        if self._pending_break:
             self._pending_break = False
-            self._space = False
-            self._after_word = False
-            return "\n\n"
-        self._pending_break = False
-        if self._pos >= len(self._shape) or (final and self._after_word):
+            if remaining > 1:
+                self._space = False
+                self._after_word = False
+                return "\n\n"
+        shape = self._shape
+        if (remaining == 0 and self._after_word) or (self._pos >= len(shape) and remaining != 1):
             return self._end_sentence()
-        slot = self._shape[self._pos]
-        self._pos += 1
-        if slot == ",":
-            self._after_word = False
-            return ","
+        if self._pos >= len(shape):
+            slot = "R"  # one word more, so that the text can end on a full stop
+        else:
+            slot = shape[self._pos]
+            self._pos += 1
+            if slot == ",":
+                if remaining != 1:
+                    self._after_word = False
+                    return ","
+                slot = shape[self._pos]  # a comma is always followed by a word
+                self._pos += 1
         choices = _VARIANTS[slot]
         if slot == "N" and self._prompt_words and self._rng.random() < _PROMPT_WORD_P:
             choices = self._prompt_words
