@@ -12,6 +12,7 @@ up to 64 KiB at a time, and no task is spawned.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import ssl
@@ -150,13 +151,14 @@ async def _connect_stream(
 class ClientConnection:
     """One connection to one origin, carrying one request at a time."""
 
-    __slots__ = ("_h11", "_socket", "_stream", "origin", "request_sent")
+    __slots__ = ("_h11", "_max_head_bytes", "_socket", "_stream", "origin", "request_sent")
 
     def __init__(self, stream: anyio.abc.ByteStream, origin: Origin, max_header_bytes: int) -> None:
         self._stream = stream
         self._socket: Any = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
         # h11 refuses a response head larger than this (RemoteProtocolError).
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
+        self._max_head_bytes = max_header_bytes
         self.origin = origin
         self.request_sent = False  # did any byte of the current request go out?
 
@@ -257,17 +259,29 @@ class ClientConnection:
 
     async def receive_head(self, budget: Budget) -> h11.Response:
         """Wait for the final response head, skipping 1xx informational responses."""
+        h = self._h11
+        received = 0
         while True:
-            event = await self._next_event(budget)
-            if type(event) is h11.Response:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                if h.trailing_data == (b"", True):
+                    raise RemoteProtocolError(
+                        f"{self.origin} closed the connection without sending a response"
+                    ) from exc
+                raise _remote_error(self.origin, exc) from exc
+            if event is h11.NEED_DATA:
+                data = await self._receive(budget)
+                received += len(data)
+                h.receive_data(data)
+            elif type(event) is h11.Response:
+                # h11 bounds only a head still incomplete; one that arrived whole in
+                # a single read is measured here (only when it could be too big).
+                if received > self._max_head_bytes and _head_size(event) > self._max_head_bytes:
+                    raise RemoteProtocolError(_HEAD_TOO_LARGE.format(self.origin))
                 return event
-            if type(event) is h11.InformationalResponse:
-                continue
-            if type(event) is h11.ConnectionClosed:
-                raise RemoteProtocolError(
-                    f"{self.origin} closed the connection without sending a response"
-                )
-            raise RemoteProtocolError(f"unexpected {event!r} before the response head")
+            elif type(event) is not h11.InformationalResponse:
+                raise RemoteProtocolError(f"unexpected {event!r} before the response head")
 
     async def receive_data(self, budget: Budget) -> bytes | None:
         """The next chunk of the response body as it arrives, or None at its end."""
@@ -394,19 +408,36 @@ def _encode(h: h11.Connection, event: Any) -> bytes:
     return data
 
 
+_HEAD_TOO_LARGE = "{} sent a response head larger than max_response_header_bytes"
+
+
+def _head_size(response: h11.Response) -> int:
+    """Bytes of a response head as sent: status line, fields, blank line."""
+    size = 17 + len(response.reason)  # "HTTP/1.1 200 " + reason + CRLF, final CRLF
+    for name, value in response.headers:
+        size += len(name) + len(value) + 4  # ": " and CRLF
+    return size
+
+
 def _remote_error(origin: Origin, exc: h11.RemoteProtocolError) -> RemoteProtocolError:
-    if exc.error_status_hint == 431:
-        return RemoteProtocolError(
-            f"{origin} sent a response head larger than max_response_header_bytes"
-        )
+    if exc.error_status_hint == 431:  # h11's max_incomplete_event_size
+        return RemoteProtocolError(_HEAD_TOO_LARGE.format(origin))
     return RemoteProtocolError(f"{origin} broke HTTP/1.1: {exc}")
 
 
 def _describe(exc: BaseException) -> str:
-    """A readable cause even for exceptions without a message (anyio's often have none)."""
-    while not str(exc) and exc.__cause__ is not None:
-        exc = exc.__cause__
-    return str(exc) or type(exc).__name__
+    """A readable reason: anyio's errors often have no message, or a vague one
+    ("All connection attempts failed") whose cause says what happened.
+    """
+    parts: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(parts) < 3:
+        # asyncio words a refused connect "Connect call failed"; say what errno says.
+        text = os.strerror(seen.errno) if isinstance(seen, OSError) and seen.errno else str(seen)
+        if text and text not in parts:
+            parts.append(text)
+        seen = seen.__cause__
+    return ": ".join(parts) or type(exc).__name__
 
 
 async def _close_quietly(stream: anyio.abc.ByteStream) -> None:

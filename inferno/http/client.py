@@ -58,7 +58,6 @@ from inferno.http.client_errors import (
     InvalidURL,
     PoolTimeout,
     ResponseTooLarge,
-    WriteError,
 )
 from inferno.http.headers import Headers
 from inferno.http.pool import Entry, Origin, PoolScheduler, PoolStats, Waiter
@@ -257,9 +256,9 @@ class ClientResponse:
         """The whole body.  Over ``max_bytes`` raises :class:`ResponseTooLarge` and closes."""
         if self._content is not None:
             return self._content
+        self._ensure_readable()
         if self._streamed:
             raise RuntimeError("the body is already being consumed with iter_bytes()")
-        self._ensure_readable()
         chunks: list[bytes] = []
         size = 0
         while (chunk := await self._next_chunk()) is not None:
@@ -488,17 +487,8 @@ class HTTPClient:
                         origin, self._ssl_for(origin), budget, self._max_header_bytes
                     )
                     self._pool.connected(entry, conn)
-                try:
-                    await conn.send_request(request, body, budget)
-                except WriteError as write_error:
-                    # The server may have answered early (413, say) and stopped
-                    # reading; its answer is worth more than our write error.
-                    try:
-                        head = await conn.receive_head(budget)
-                    except ClientError:
-                        raise write_error  # noqa: B904 (its own cause is the one that matters)
-                else:
-                    head = await conn.receive_head(budget)
+                await conn.send_request(request, body, budget)
+                head = await conn.receive_head(budget)
             except ClientError as exc:
                 if reused and not retried and exc.temporary and not exc.request_sent:
                     # Nothing left this process: the same request on a fresh
