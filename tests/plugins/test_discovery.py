@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from inferno import hookspecs
+from inferno.plugins import EntryPoint, find_entry_points, hookimpl
 
 ALL_HOOKS = sorted(name for name in vars(hookspecs) if name.startswith("inferno_"))
 
@@ -91,3 +93,67 @@ def test_importing_the_plugin_module_loads_no_plugin(clean_env: dict[str, str]) 
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30
     )
     assert result.stdout.strip() == "False", result.stderr
+
+
+def stdlib_entry_points(group: str, path: list[str]) -> list[tuple[str, str, str, str]]:
+    """What importlib.metadata finds: the first distribution of each name, as entry_points()."""
+    import importlib.metadata
+
+    seen: set[str] = set()
+    points = []
+    for dist in importlib.metadata.distributions(path=path):
+        key = dist.name.lower().replace("-", "_").replace(".", "_")
+        if key in seen:
+            continue
+        seen.add(key)
+        points += [
+            (ep.name, ep.value, dist.name, dist.version)
+            for ep in dist.entry_points
+            if ep.group == group
+        ]
+    return sorted(points)
+
+
+def ours(group: str, path: list[str]) -> list[tuple[str, str, str | None, str | None]]:
+    return sorted(
+        (e.name, e.value, e.distribution, e.version) for e in find_entry_points(group, path)
+    )
+
+
+def test_entry_point_discovery_agrees_with_importlib_metadata(plugin_site: Path) -> None:
+    for group in ("inferno", "console_scripts", "pytest11"):
+        assert ours(group, sys.path) == stdlib_entry_points(group, sys.path), group
+    assert ours("inferno", [str(plugin_site)]) == [
+        ("broken", "inferno_broken.plugin", "inferno-broken-plugin", "0.0.7"),
+        ("hello", "inferno_hello.plugin", "inferno-hello-plugin", "0.3.1"),
+    ]
+
+
+def test_entry_points_are_found_in_a_zip_on_the_path(plugin_site: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "site.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for file in plugin_site.rglob("*"):
+            if file.is_file():
+                zf.write(file, file.relative_to(plugin_site).as_posix())
+    assert ours("inferno", [str(archive)]) == ours("inferno", [str(plugin_site)])
+    assert ours("inferno", [str(archive)]) == stdlib_entry_points("inferno", [str(archive)])
+
+
+def test_a_distribution_on_two_paths_counts_once_and_egg_info_is_read(
+    plugin_site: Path, tmp_path: Path
+) -> None:
+    egg = tmp_path / "Legacy.Plugin-1.2-py3.11.egg-info"
+    egg.mkdir()
+    (egg / "PKG-INFO").write_text("Metadata-Version: 1.1\nName: Legacy.Plugin\nVersion: 1.2\n")
+    (egg / "entry_points.txt").write_text("# old style\n[inferno]\nlegacy = legacy_mod:plugin\n")
+    found = ours("inferno", [str(plugin_site), str(tmp_path), str(plugin_site)])
+    assert found == [
+        ("broken", "inferno_broken.plugin", "inferno-broken-plugin", "0.0.7"),
+        ("hello", "inferno_hello.plugin", "inferno-hello-plugin", "0.3.1"),
+        ("legacy", "legacy_mod:plugin", "Legacy.Plugin", "1.2"),
+    ]
+
+
+def test_an_entry_point_may_name_an_attribute() -> None:
+    ep = EntryPoint("x", "inferno.plugins:hookimpl", None, None)
+    assert ep.load() is hookimpl
