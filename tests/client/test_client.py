@@ -492,6 +492,22 @@ async def test_broken_responses(scripted, reply) -> None:
         assert_settled(client)
 
 
+async def test_failure_mid_body_releases_the_connection_at_once(scripted) -> None:
+    async def script(peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+
+    async with scripted(script) as server, HTTPClient() as client:
+        with anyio.fail_after(GUARD):
+            async with client.stream("GET", server.url()) as response:
+                with pytest.raises(RemoteProtocolError):
+                    await response.read()
+                # Still inside the block: the broken connection is already gone.
+                assert response.is_closed
+                assert_settled(client)
+                assert client.pool_stats().connections == 0
+
+
 @pytest.mark.parametrize(
     "url",
     [
