@@ -94,22 +94,21 @@ async def test_cancel_around_the_moment_the_pool_grants(scripted, cancel_first: 
     async with scripted(script) as server, HTTPClient(max_connections_per_origin=1) as client:
         url = server.url()
         with anyio.fail_after(GUARD):
-            async with client.stream("GET", url) as holding:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(client.request, "GET", url)
-                    await anyio.wait_all_tasks_blocked()
-                    assert origin_stats(client, url).waiting == 1
-                    if cancel_first:
-                        # Cancelled, then granted the connection before it runs again:
-                        # the grant must go back to the pool.
-                        tg.cancel_scope.cancel()
-                        with anyio.CancelScope(shield=True):
-                            assert await holding.read() == b"x" * 10
-                    else:
-                        # Granted, then cancelled: anyio lets it run to its next
-                        # checkpoint, inside the request, which must clean up.
+            async with client.stream("GET", url) as holding, anyio.create_task_group() as tg:
+                tg.start_soon(client.request, "GET", url)
+                await anyio.wait_all_tasks_blocked()
+                assert origin_stats(client, url).waiting == 1
+                if cancel_first:
+                    # Cancelled, then granted the connection before it runs again:
+                    # the grant must go back to the pool.
+                    tg.cancel_scope.cancel()
+                    with anyio.CancelScope(shield=True):
                         assert await holding.read() == b"x" * 10
-                        tg.cancel_scope.cancel()
+                else:
+                    # Granted, then cancelled: anyio lets it run to its next
+                    # checkpoint, inside the request, which must clean up.
+                    assert await holding.read() == b"x" * 10
+                    tg.cancel_scope.cancel()
         assert_settled(client)
         if cancel_first:
             assert origin_stats(client, url) == OriginStats(idle=1, active=0, waiting=0)
