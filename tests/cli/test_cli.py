@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -193,7 +194,8 @@ def test_help_in_a_fresh_interpreter_imports_neither_anyio_nor_tomlkit() -> None
         "print(status, sorted(m for m in ('anyio', 'tomlkit', 'inferno_hello.role') "
         "if m in sys.modules), file=sys.stderr)"
     )
-    env = {"PYTHONPATH": str(source), "INFERNO_PLUGINS": "inferno_hello.plugin", "PATH": ""}
+    pythonpath = os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")]))
+    env = {"PYTHONPATH": pythonpath, "INFERNO_PLUGINS": "inferno_hello.plugin", "PATH": ""}
     result = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30
     )

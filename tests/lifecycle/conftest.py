@@ -108,7 +108,7 @@ def start_role() -> Iterator[StartRole]:
     def start(*args: str, **extra_env: str) -> RoleProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNO_")}
         env.update(
-            PYTHONPATH=str(HELLO_SRC),
+            PYTHONPATH=os.pathsep.join(filter(None, [str(HELLO_SRC), env.get("PYTHONPATH")])),
             INFERNO_PLUGINS="inferno_hello.plugin",
             INFERNO_LOG_FORMAT="json",
             **extra_env,

@@ -29,7 +29,7 @@ COMMAND_TIMEOUT_S = 30
 def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory holding inferno-hello-plugin and inferno-broken-plugin, pip-installed."""
     target = tmp_path_factory.mktemp("plugin-site")
-    subprocess.run(
+    result = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -44,19 +44,19 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
             str(FIXTURES / "thirdparty_plugin"),
             str(FIXTURES / "broken_plugin"),
         ],
-        check=True,
+        check=False,
         timeout=PIP_TIMEOUT_S,
         capture_output=True,
+        text=True,
     )
+    assert result.returncode == 0, f"pip could not install the fixtures:\n{result.stderr}"
     return target
 
 
 @pytest.fixture
 def clean_env() -> dict[str, str]:
-    """The current environment without any INFERNO_ variable or PYTHONPATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNO_")}
-    env.pop("PYTHONPATH", None)
-    return env
+    """The current environment without any INFERNO_ variable."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("INFERNO_")}
 
 
 RunInferno = Callable[..., "subprocess.CompletedProcess[str]"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -87,7 +88,8 @@ def test_pth_files_in_the_plugin_path_are_honoured(
 
 def test_importing_the_plugin_module_loads_no_plugin(clean_env: dict[str, str]) -> None:
     source = Path(__file__).resolve().parent.parent / "fixtures" / "thirdparty_plugin" / "src"
-    env = {**clean_env, "PYTHONPATH": str(source), "INFERNO_PLUGINS": "inferno_hello.plugin"}
+    pythonpath = os.pathsep.join(filter(None, [str(source), clean_env.get("PYTHONPATH")]))
+    env = {**clean_env, "PYTHONPATH": pythonpath, "INFERNO_PLUGINS": "inferno_hello.plugin"}
     code = "import sys, inferno.plugins, inferno.cli; print('inferno_hello' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=30
