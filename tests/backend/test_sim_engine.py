@@ -176,6 +176,16 @@ async def test_a_generation_ends_by_itself_at_its_natural_length() -> None:
     assert joined(chunks).endswith(".")
 
 
+async def test_ignore_eos_runs_to_the_limit_as_in_vllm_benchmarks() -> None:
+    prompt = "Tell me a story."
+    assert natural_length(text_seed(prompt, None)) < 300
+    async with SimEngine(PROFILE, clock=VirtualClock()) as engine:
+        chunks = await collect(engine, request(max_tokens=300, extra={"ignore_eos": True}))
+    assert chunks[-1].completion_tokens == 300
+    assert chunks[-1].finish_reason == "length"
+    assert count_tokens(joined(chunks)) == 300
+
+
 async def test_max_model_len_bounds_the_generation() -> None:
     async with SimEngine(profile(max_model_len=50), clock=VirtualClock()) as engine:
         chunks = await collect(engine, request(words(40)))

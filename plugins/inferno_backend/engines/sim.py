@@ -365,9 +365,11 @@ class SimEngine:
         seed = text_seed(prompt, request.seed)
         natural = natural_length(seed)
         limit = room if request.max_tokens is None else min(room, request.max_tokens)
-        finish_reason = "stop" if natural <= limit else "length"
+        # vLLM's ``ignore_eos`` (benchmarks use it): no natural end, only the limit.
+        ends_by_itself = natural <= limit and request.extra.get("ignore_eos") is not True
+        finish_reason = "stop" if ends_by_itself else "length"
         stall_at = self._arrival_faults(request)
-        seq = _Seq(prompt_tokens, min(natural, limit), finish_reason, stall_at)
+        seq = _Seq(prompt_tokens, natural if ends_by_itself else limit, finish_reason, stall_at)
         self._scheduler.add(seq)
         self._kick()
         text = PseudoText(seed, natural, prompt=prompt, leading_space=request.kind == "completion")
