@@ -89,23 +89,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from inferno.plugins import collect_roles, get_plugin_manager, load_failures
+    from inferno.plugins import get_plugin_manager, load_failures
 
     pm = get_plugin_manager()
+    failures = len(load_failures(pm))
     try:
-        roles = {name: role for name, (role, _) in collect_roles(pm).items()}
+        parser = build_parser(_roles(pm), failures=failures)
     except PluginError:
-        if _command_of(argv) in ("plugins", "version"):
-            roles = {}  # these must work to diagnose the broken plugin
-        else:
+        if _command_of(argv) not in ("plugins", "version"):
             raise
-    parser = build_parser(roles, failures=len(load_failures(pm)))
+        parser = build_parser({}, failures=failures)  # these must work to diagnose the plugin
     args = parser.parse_args(argv)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)
         return EXIT_CONFIG
     return handler(args, pm)
+
+
+def _roles(pm: pluggy.PluginManager) -> dict[str, Role]:
+    from inferno.plugins import collect_roles
+
+    return {name: role for name, (role, _) in collect_roles(pm).items()}
 
 
 def _command_of(argv: list[str]) -> str | None:
@@ -226,12 +231,12 @@ def _show_config(args: argparse.Namespace, pm: pluggy.PluginManager) -> int:
 
 
 def _list_plugins(args: argparse.Namespace, pm: pluggy.PluginManager) -> int:
-    from inferno.plugins import collect_roles, list_plugins
+    from inferno.plugins import list_plugins
 
     infos = list_plugins(pm)
     problem = None
     try:
-        collect_roles(pm)
+        build_parser(_roles(pm))  # the checks `inferno <role>` would make
     except PluginError as exc:
         problem = str(exc)
     if args.json:

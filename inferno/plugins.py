@@ -126,7 +126,13 @@ class InfernoPluginManager(pluggy.PluginManager):
         self.failures: list[PluginInfo] = []
 
     def load_plugin(self, plugin: object, info: PluginInfo) -> bool:
-        """Register ``plugin`` as ``info.name``; record a failure instead of raising."""
+        """Register ``plugin`` as ``info.name``; record a failure instead of raising.
+
+        A plugin reached twice (an installed one also named in ``INFERNO_PLUGINS``)
+        is kept once, under its first name, and is not a failure.
+        """
+        if self.is_registered(plugin):
+            return True
         try:
             self.register(plugin, name=info.name)
         except ValueError as exc:  # pluggy: name or object already registered

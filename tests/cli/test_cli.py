@@ -253,3 +253,6 @@ def test_a_role_whose_settings_clash_is_one_error_line(
     assert status == 1
     assert err.startswith("inferno: error: role 'clash': ")
     assert len(err.splitlines()) == 1
+    status, out, _ = run(capsys, "plugins")
+    assert status == 1
+    assert "error: role 'clash': " in out

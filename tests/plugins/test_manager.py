@@ -207,3 +207,10 @@ def test_plugin_path_directories_are_site_directories(
     assert str(site_dir) in sys.path
     assert str(extra) in sys.path  # the .pth file was processed
     assert str(tmp_path / "missing") not in sys.path
+
+
+def test_a_plugin_reached_twice_is_kept_once_without_failure() -> None:
+    plugin = EnginesA()
+    pm = manager(a=plugin)
+    assert pm.load_plugin(plugin, PluginInfo(name="again", source="INFERNO_PLUGINS"))
+    assert [info.name for info in list_plugins(pm)] == ["a"]
