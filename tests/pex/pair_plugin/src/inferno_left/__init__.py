@@ -1,0 +1,1 @@
+"""The ``left`` role of the pair fixture."""

@@ -1,0 +1,1 @@
+"""The ``right`` role of the pair fixture."""
