@@ -65,6 +65,19 @@ def test_faults_are_validated() -> None:
         SimFaults(crash_after_requests=-1)
 
 
+def test_faults_parse_from_a_one_line_option() -> None:
+    assert SimFaults.parse("") == SimFaults()
+    assert SimFaults.parse(" failure_rate=0.25, stall_after_tokens = 5,seed=3 ") == SimFaults(
+        failure_rate=0.25, stall_after_tokens=5, seed=3
+    )
+    with pytest.raises(ValueError, match="'fail=1' is not key=value with a key among"):
+        SimFaults.parse("fail=1")
+    with pytest.raises(ValueError, match="stall_after_tokens must be int, got 'x'"):
+        SimFaults.parse("stall_after_tokens=x")
+    with pytest.raises(ValueError, match=r"sim faults: failure_rate must be within 0\.\.1"):
+        SimFaults.parse("failure_rate=2")
+
+
 async def test_failure_rate_fails_a_deterministic_share_of_requests() -> None:
     faults = SimFaults(failure_rate=0.3, failure_status=503, seed=7)
     first = await outcomes(faults, 60)

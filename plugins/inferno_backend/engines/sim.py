@@ -41,16 +41,20 @@ import random
 import sys
 import time
 from contextlib import AsyncExitStack, suppress
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Protocol
 
 import anyio
-import anyio.abc
 from anyio.lowlevel import checkpoint
 
 from inferno_backend.engines.base import EngineError, EngineStats, GenerationRequest, TokenChunk
-from inferno_backend.engines.simmodel import FINISHED, RateWindow, SimScheduler, SimSequence
+from inferno_backend.engines.simmodel import (
+    FINISHED,
+    RateWindow,
+    SimFaults,
+    SimScheduler,
+    SimSequence,
+)
 from inferno_backend.engines.simtext import (
     PseudoText,
     count_tokens,
@@ -134,43 +138,6 @@ class VirtualClock:
             self._now = deadline
 
 
-@dataclass(frozen=True, slots=True)
-class SimFaults:
-    """Faults to inject, for chaos tests.  Deterministic: draws come from ``seed``.
-
-    :param failure_rate: fraction of requests that fail on arrival with an
-        :class:`EngineError` of ``failure_status`` (temporary).
-    :param stall_after_tokens: a stalling request produces this many tokens,
-        then none, and never ends; it keeps its batch slot and KV blocks (a hung
-        node).  ``0`` stalls before the first token.
-    :param stall_rate: fraction of requests that stall (when ``stall_after_tokens`` is set).
-    :param crash_after_requests: the process exits (``os._exit`` with
-        :data:`CRASH_EXIT_STATUS`, after a critical log line) when request
-        number ``N + 1`` arrives; the first ``N`` are served.
-    """
-
-    failure_rate: float = 0.0
-    failure_status: int = 500
-    stall_after_tokens: int | None = None
-    stall_rate: float = 1.0
-    crash_after_requests: int | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("failure_rate", "stall_rate"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be within 0..1, got {value!r}")
-        if not 400 <= self.failure_status <= 599:
-            raise ValueError(
-                f"failure_status must be an HTTP error status, got {self.failure_status}"
-            )
-        for name in ("stall_after_tokens", "crash_after_requests"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value!r}")
-
-
 class _Seq(SimSequence):
     """A sequence plus what the engine needs to wake its consumer."""
 
@@ -192,6 +159,9 @@ class SimEngine:
     :param speed: run the real clock this many times faster (ignored with ``clock``).
     :param clock: a clock to run on instead (a :class:`VirtualClock` in tests).
     :param faults: faults to inject (none by default).
+
+    The text depends on the prompt and the request's ``seed`` only
+    (``temperature`` is ignored); vLLM's ``ignore_eos`` extra is honoured.
     """
 
     name = "sim"
@@ -370,7 +340,10 @@ class SimEngine:
         finish_reason = "stop" if ends_by_itself else "length"
         stall_at = self._arrival_faults(request)
         seq = _Seq(prompt_tokens, natural if ends_by_itself else limit, finish_reason, stall_at)
-        self._scheduler.add(seq)
+        try:
+            self._scheduler.add(seq)
+        except ValueError as exc:  # only with a profile that skipped validation
+            raise EngineError(str(exc), status=400, temporary=False) from exc
         self._kick()
         text = PseudoText(seed, natural, prompt=prompt, leading_space=request.kind == "completion")
         return seq, text
@@ -406,6 +379,8 @@ def _crash(after: int, request_id: str) -> None:
         request_id,
         CRASH_EXIT_STATUS,
     )
+    with suppress(Exception):
+        logging.shutdown()  # flush every handler: os._exit skips all clean-up
     for stream in (sys.stdout, sys.stderr):
         with suppress(OSError, ValueError):
             stream.flush()

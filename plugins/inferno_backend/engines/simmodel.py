@@ -38,7 +38,8 @@ and the tokens it had generated (a pause in its stream, no lost tokens).  No
 new sequence is admitted in a step that preempted.  A finished or aborted
 sequence frees its blocks at once.
 
-**Faults.**  A sequence with ``stall_at`` stops being scheduled once it has
+**Faults.**  :class:`SimFaults` says which to inject (the engine draws
+them per request).  A sequence with ``stall_at`` stops being scheduled once it has
 generated that many tokens but keeps its batch slot and its KV blocks until
 aborted: a hung request, as seen from outside.
 """
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 from collections import deque
 from contextlib import suppress
+from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
 from inferno_backend.profiles import SimProfile
@@ -56,6 +58,7 @@ __all__ = [
     "RUNNING",
     "WAITING",
     "RateWindow",
+    "SimFaults",
     "SimScheduler",
     "SimSequence",
     "Step",
@@ -159,7 +162,8 @@ class SimScheduler(Generic[S]):
         """Queue ``seq``.
 
         :raises ValueError: when it can never run: an empty prompt, or prompt
-            plus ``max_new_tokens`` beyond the profile's ``max_model_len``.
+            plus ``max_new_tokens`` beyond the profile's ``max_model_len`` or
+            the KV cache.
         """
         if seq.prompt_tokens < 1:
             raise ValueError("the prompt is empty")
@@ -171,6 +175,9 @@ class SimScheduler(Generic[S]):
                 f"the model's context is {limit} tokens, this request needs "
                 f"{seq.prompt_tokens} for the prompt and {seq.max_new_tokens} to generate"
             )
+        if seq.prompt_tokens + seq.max_new_tokens > self.total_blocks * self._block_size:
+            # Only for a profile built without validation: it could never be admitted.
+            raise ValueError("the sequence needs more KV cache than the device has")
         seq.state = WAITING
         self.waiting.append(seq)
 
@@ -307,6 +314,77 @@ class SimScheduler(Generic[S]):
             return None
         end = now + planned.duration
         return end, self.complete(planned, end)
+
+
+@dataclass(frozen=True, slots=True)
+class SimFaults:
+    """Faults to inject, for chaos tests.  Deterministic: draws come from ``seed``.
+
+    :param failure_rate: fraction of requests that fail on arrival with an
+        :class:`~inferno_backend.engines.base.EngineError` of ``failure_status`` (temporary).
+    :param stall_after_tokens: a stalling request produces this many tokens,
+        then none, and never ends; it keeps its batch slot and KV blocks (a hung
+        node).  ``0`` stalls before the first token.
+    :param stall_rate: fraction of requests that stall (when ``stall_after_tokens`` is set).
+    :param crash_after_requests: the process exits (``os._exit`` with
+        :data:`~inferno_backend.engines.sim.CRASH_EXIT_STATUS`, after a critical
+        log line) when request number ``N + 1`` arrives; the first ``N`` are served.
+    """
+
+    failure_rate: float = 0.0
+    failure_status: int = 500
+    stall_after_tokens: int | None = None
+    stall_rate: float = 1.0
+    crash_after_requests: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("failure_rate", "stall_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be within 0..1, got {value!r}")
+        if not 400 <= self.failure_status <= 599:
+            raise ValueError(
+                f"failure_status must be an HTTP error status, got {self.failure_status}"
+            )
+        for name in ("stall_after_tokens", "crash_after_requests"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+    @classmethod
+    def parse(cls, spec: str) -> SimFaults:
+        """Faults from a one-line option, ``"failure_rate=0.1,stall_after_tokens=5"``.
+
+        An empty spec means no faults.
+
+        :raises ValueError: naming the unknown key or the bad value.
+        """
+        values: dict[str, float | int] = {}
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            key, sep, raw = (text.strip() for text in item.partition("="))
+            if not sep or key not in _FAULT_TYPES:
+                known = ", ".join(_FAULT_TYPES)
+                raise ValueError(f"sim faults: {item!r} is not key=value with a key among {known}")
+            try:
+                values[key] = _FAULT_TYPES[key](raw)
+            except ValueError:
+                kind = _FAULT_TYPES[key].__name__
+                raise ValueError(f"sim faults: {key} must be {kind}, got {raw!r}") from None
+        try:
+            return cls(**values)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ValueError(f"sim faults: {exc}") from None
+
+
+_FAULT_TYPES: dict[str, type[float] | type[int]] = {
+    "failure_rate": float,
+    "failure_status": int,
+    "stall_after_tokens": int,
+    "stall_rate": float,
+    "crash_after_requests": int,
+    "seed": int,
+}
 
 
 class RateWindow:
