@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import anyio
 import pytest
@@ -35,14 +36,14 @@ PROFILE = dataclasses.replace(
 MODEL = PROFILE.model
 
 
-def profile(**changes: object) -> SimProfile:
-    return dataclasses.replace(PROFILE, **changes)  # type: ignore[arg-type]
+def profile(**changes: Any) -> SimProfile:
+    return dataclasses.replace(PROFILE, **changes)
 
 
-def request(prompt: str = "Tell me a story.", **fields: object) -> GenerationRequest:
+def request(prompt: str = "Tell me a story.", **fields: Any) -> GenerationRequest:
     return GenerationRequest(
         request_id="r", model=MODEL, kind="completion", prompt=prompt, **fields
-    )  # type: ignore[arg-type]
+    )
 
 
 def words(n: int) -> str:

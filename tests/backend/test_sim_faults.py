@@ -7,6 +7,7 @@ import gc
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import anyio
 import pytest
@@ -30,7 +31,7 @@ def request(seed: int = 0, max_tokens: int | None = 200) -> GenerationRequest:
     )
 
 
-def engine_with(faults: SimFaults | None = None, **profile_changes: int) -> SimEngine:
+def engine_with(faults: SimFaults | None = None, **profile_changes: Any) -> SimEngine:
     profile = dataclasses.replace(PROFILE, **profile_changes)
     return SimEngine(profile, clock=VirtualClock(), faults=faults)
 

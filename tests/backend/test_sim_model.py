@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 from inferno_backend.engines.simmodel import (
@@ -34,8 +35,8 @@ PROFILE = SimProfile(
 )
 
 
-def profile(**changes: object) -> SimProfile:
-    return dataclasses.replace(PROFILE, **changes)  # type: ignore[arg-type]
+def profile(**changes: Any) -> SimProfile:
+    return dataclasses.replace(PROFILE, **changes)
 
 
 def run(scheduler: SimScheduler[SimSequence], now: float = 0.0) -> float:
