@@ -80,7 +80,7 @@ class SSEParser:
 
     def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self._max = max_event_bytes
-        self._buffer = b""  # bytes of an unfinished line
+        self._buffer = bytearray()  # bytes of an unfinished line
         self._skip_lf = False  # the last byte seen was a CR: a LF right after it is its pair
         self._started = False  # the BOM check is done
         self._data: list[str] = []
@@ -97,20 +97,25 @@ class SSEParser:
             self._skip_lf = False
             if data[0] == 0x0A:
                 data = data[1:]
-        buffer = self._buffer + data if self._buffer else data
         events: list[SSEEvent] = []
-        start = 0
-        for match in _LINE_END.finditer(buffer):
-            self._line(buffer[start : match.start()], events)
-            start = match.end()
-        if start and buffer[start - 1] == 0x0D and start == len(buffer):
-            self._skip_lf = True  # a CR ended the data: the CRLF's LF may come next
-        self._buffer = buffer[start:]
+        if _LINE_END.search(data) is None:
+            # No line ends here (the kept bytes have none either): just keep the
+            # bytes, scanning only the new ones, so a long line costs linear time.
+            self._buffer += data
+        else:
+            buffer = self._buffer + data if self._buffer else data
+            start = 0
+            for match in _LINE_END.finditer(buffer):
+                self._line(buffer[start : match.start()], events)
+                start = match.end()
+            if buffer[start - 1] == 0x0D and start == len(buffer):
+                self._skip_lf = True  # a CR ended the data: the CRLF's LF may come next
+            self._buffer = bytearray(buffer[start:])
         if len(self._buffer) + self._size > self._max:
             raise SSEError(f"an event stream event is longer than {self._max} bytes")
         return events
 
-    def _line(self, raw: bytes, events: list[SSEEvent]) -> None:
+    def _line(self, raw: bytes | bytearray, events: list[SSEEvent]) -> None:
         line = raw.decode("utf-8", "replace")
         if not self._started:
             self._started = True
