@@ -299,11 +299,22 @@ Script = Callable[[Peer], Awaitable[None]]
 class ScriptedServer:
     port: int
     connections: int = 0  # accepted so far
-    finished: int = 0  # scripts that have returned
+    finished: int = 0  # scripts that have returned (their connection closed)
     peers: list[Peer] = field(default_factory=list)
+    changed: anyio.Event = field(default_factory=anyio.Event)
 
     def url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
+
+    def note_finished(self) -> None:
+        self.finished += 1
+        self.changed.set()
+        self.changed = anyio.Event()
+
+    async def wait_finished(self, count: int) -> None:
+        """Wait until ``count`` connections have ended on the server side."""
+        while self.finished < count:
+            await self.changed.wait()
 
 
 @contextlib.asynccontextmanager
@@ -320,7 +331,7 @@ async def _run_scripted(script: Script) -> AsyncIterator[ScriptedServer]:
                 anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream
             ):
                 await script(peer)
-        server.finished += 1
+        server.note_finished()
 
     async with listener, anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, handle)
