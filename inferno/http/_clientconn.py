@@ -241,10 +241,14 @@ class _Wire(asyncio.Protocol):
             raise anyio.BrokenResourceError from self._error
         return b""
 
+    def writable(self) -> bool:
+        """Whether a send can still reach the transport (neither side closed it)."""
+        transport = self._transport
+        return not self._closed and transport is not None and not transport.is_closing()
+
     async def send(self, data: bytes, deadline: float | None) -> None:
         transport = self._transport
-        assert transport is not None
-        if self._closed or transport.is_closing():
+        if not self.writable() or transport is None:
             raise anyio.BrokenResourceError from self._error
         transport.write(data)
         if self._write_paused:
@@ -472,10 +476,12 @@ class ClientConnection:
             raise ReadError(f"receiving from {self.origin} failed: {_describe(exc)}") from exc
 
     async def _send(self, data: bytes, budget: Budget) -> None:
+        wire = self._wire
+        if not wire.writable():  # known closed: not a byte of this goes out
+            raise WriteError(f"{self.origin} closed the connection", request_sent=self.request_sent)
         # From here on the transport may put bytes on the wire before it can
         # report a failure, so the request counts as sent: never retried blindly.
         self.request_sent = True
-        wire = self._wire
         deadline, by_total = budget.until(budget.timeouts.write, wire.time())
         try:
             await wire.send(data, deadline)
