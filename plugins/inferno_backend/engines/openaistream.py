@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -47,7 +46,7 @@ __all__ = [
 MAX_EVENT_BYTES: Final = 4 * 1024 * 1024
 
 _LINE_END: Final = re.compile(rb"\r\n|\r|\n")
-_BOM: Final = "\ufeff"
+_BOM: Final = b"\xef\xbb\xbf"  # U+FEFF in UTF-8
 #: Finish reasons some servers spell their own way, mapped to OpenAI's.
 _FINISH_REASONS: Final = {"eos_token": "stop", "stop_sequence": "stop", "max_tokens": "length"}
 
@@ -98,46 +97,48 @@ class SSEParser:
             if data[0] == 0x0A:
                 data = data[1:]
         events: list[SSEEvent] = []
-        if _LINE_END.search(data) is None:
-            # No line ends here (the kept bytes have none either): just keep the
-            # bytes, scanning only the new ones, so a long line costs linear time.
+        lines: list[bytes] | list[bytearray] | None
+        # The kept bytes never hold a line end, so only ``data`` is scanned for one.
+        if b"\r" in data:
+            buffer = self._buffer + data
+            lines = _LINE_END.split(buffer)
+            # a CR that ends the data ends a line; the LF of its CRLF may come next
+            self._skip_lf = buffer.endswith(b"\r")
+        elif b"\n" in data:  # the usual case
+            lines = (self._buffer + data).split(b"\n") if self._buffer else data.split(b"\n")
+        else:  # no line end: keep the bytes (appending, so a long line costs linear time)
             self._buffer += data
-        else:
-            buffer = self._buffer + data if self._buffer else data
-            start = 0
-            for match in _LINE_END.finditer(buffer):
-                self._line(buffer[start : match.start()], events)
-                start = match.end()
-            if buffer[start - 1] == 0x0D and start == len(buffer):
-                self._skip_lf = True  # a CR ended the data: the CRLF's LF may come next
-            self._buffer = bytearray(buffer[start:])
+            lines = None
+        if lines is not None:
+            self._buffer = bytearray(lines.pop())
+            for raw in lines:
+                self._line(raw, events)
         if len(self._buffer) + self._size > self._max:
             raise SSEError(f"an event stream event is longer than {self._max} bytes")
         return events
 
     def _line(self, raw: bytes | bytearray, events: list[SSEEvent]) -> None:
-        line = raw.decode("utf-8", "replace")
         if not self._started:
             self._started = True
-            if line.startswith(_BOM):
-                line = line[1:]
-        if not line:
+            if raw.startswith(_BOM):
+                raw = raw[len(_BOM) :]
+        if not raw:
             self._dispatch(events)
             return
-        if line[0] == ":":
-            return  # a comment (servers send them as keep-alives)
-        name, colon, value = line.partition(":")
-        if colon and value[:1] == " ":
+        if raw[0] == 0x3A:  # ":" starts a comment (servers send them as keep-alives)
+            return
+        name, colon, value = raw.partition(b":")
+        if colon and value[:1] == b" ":
             value = value[1:]
-        if name == "data":
-            self._data.append(value)
+        if name == b"data":
+            self._data.append(value.decode("utf-8", "replace"))
             self._size += len(raw) + 1
             if self._size > self._max:
                 raise SSEError(f"an event stream event is longer than {self._max} bytes")
-        elif name == "event":
-            self._event = value
-        elif name == "id" and "\0" not in value:
-            self._id = value
+        elif name == b"event":
+            self._event = value.decode("utf-8", "replace")
+        elif name == b"id" and b"\0" not in value:
+            self._id = value.decode("utf-8", "replace")
 
     def _dispatch(self, events: list[SSEEvent]) -> None:
         if self._data:
@@ -154,10 +155,10 @@ def error_message(document: Any) -> str | None:
     vLLM: ``{"object": "error", "message": ...}``; TGI: ``{"error": "...",
     "error_type": ...}``; FastAPI: ``{"detail": ...}``.
     """
-    if not isinstance(document, Mapping):
+    if not isinstance(document, dict):
         return None
     error = document.get("error")
-    if isinstance(error, Mapping):
+    if isinstance(error, dict):
         message = error.get("message")
         return message if isinstance(message, str) and message else json.dumps(error)
     if isinstance(error, str) and error:
@@ -173,10 +174,10 @@ def error_message(document: Any) -> str | None:
     return None
 
 
-def _error_status(document: Mapping[str, Any]) -> int | None:
+def _error_status(document: dict[str, Any]) -> int | None:
     """An HTTP status an error document names as its ``code``, if any."""
     error = document.get("error")
-    holder = error if isinstance(error, Mapping) else document
+    holder = error if isinstance(error, dict) else document
     for key in ("code", "status"):
         code = holder.get(key)
         if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
@@ -231,7 +232,7 @@ class ChunkTranslator:
             raise EngineError(
                 f"the engine server streamed an unreadable event: {data[:200]!r}"
             ) from None
-        if not isinstance(document, Mapping):
+        if not isinstance(document, dict):
             raise EngineError(f"the engine server streamed a non-object event: {data[:200]!r}")
         return self._on_chunk(document)
 
@@ -248,14 +249,14 @@ class ChunkTranslator:
 
     def on_whole(self, document: Any) -> TokenChunk:
         """The one chunk of a non-streaming answer (from a server that ignored ``stream``)."""
-        if not isinstance(document, Mapping):
+        if not isinstance(document, dict):
             raise EngineError("the engine server answered a non-object document")
         chunk = self._on_chunk(document)
         if chunk is not None and chunk.finish_reason is not None:
             return chunk
         return self._final(chunk.text if chunk is not None else "")
 
-    def _on_chunk(self, document: Mapping[str, Any]) -> TokenChunk | None:
+    def _on_chunk(self, document: dict[str, Any]) -> TokenChunk | None:
         message = error_message(document)
         if message is not None:
             status = _error_status(document) or 502
@@ -263,13 +264,13 @@ class ChunkTranslator:
         if self._emitted_final:
             return None
         usage = document.get("usage")
-        if isinstance(usage, Mapping):
+        if isinstance(usage, dict):
             self._take_usage(usage)
         text = ""
         choices = document.get("choices")
         if isinstance(choices, list) and choices:
             choice = choices[0]
-            if isinstance(choice, Mapping):
+            if isinstance(choice, dict):
                 text = self._choice_text(choice)
                 reason = choice.get("finish_reason")
                 if isinstance(reason, str) and reason:
@@ -282,17 +283,17 @@ class ChunkTranslator:
             return TokenChunk(text, self._prompt, self._completion_tokens())
         return None
 
-    def _choice_text(self, choice: Mapping[str, Any]) -> str:
+    def _choice_text(self, choice: dict[str, Any]) -> str:
         if self._kind == "completion":
             text = choice.get("text")
         else:
             holder = choice.get("delta")
-            if not isinstance(holder, Mapping):
+            if not isinstance(holder, dict):
                 holder = choice.get("message")  # a whole (non-streamed) answer
-            text = holder.get("content") if isinstance(holder, Mapping) else None
+            text = holder.get("content") if isinstance(holder, dict) else None
         return text if isinstance(text, str) else ""
 
-    def _take_usage(self, usage: Mapping[str, Any]) -> None:
+    def _take_usage(self, usage: dict[str, Any]) -> None:
         prompt = usage.get("prompt_tokens")
         completion = usage.get("completion_tokens")
         if isinstance(prompt, int) and prompt >= 0:
