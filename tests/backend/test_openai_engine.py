@@ -493,11 +493,12 @@ async def test_configured_models_and_a_server_with_only_health(server: EngineSer
 
 
 async def test_without_configured_models_a_server_without_a_model_list_is_not_ready(
-    server: EngineServer,
+    server: EngineServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     server.models = None
     async with server.running() as url, OpenAIEngine(url, poll_interval=NEVER) as engine:
         assert not engine.ready()
+    assert "cannot be discovered: configure them" in caplog.text  # the operator's next step
 
 
 async def test_generate_needs_a_started_engine() -> None:

@@ -149,7 +149,8 @@ class OpenAIEngine:
         self._reachable = False
         self._stats = EngineStats()
         self._reader = EngineMetricsReader()
-        self._metrics_note: str | None = None  # last metrics problem logged (log changes only)
+        self._health_note: str | None = "not polled yet"  # last readiness problem logged
+        self._metrics_note: str | None = None  # last metrics problem logged
         self._state = _NEW
         self._stack: AsyncExitStack | None = None
 
@@ -299,6 +300,7 @@ class OpenAIEngine:
         if isinstance(exc, (ConnectError, PoolTimeout)):
             if isinstance(exc, ConnectError) and self._reachable:
                 self._reachable = False
+                self._health_note = "unreachable"
                 logger.warning(
                     "openai engine: %s unreachable (%s); not ready until it answers a poll",
                     self.engine_url,
@@ -324,13 +326,13 @@ class OpenAIEngine:
             problem = str(exc)
         if problem is None and not self._models:
             problem = "it serves no model (GET /v1/models listed none)"
-        reachable = problem is None
-        if reachable != self._reachable:
-            if reachable:
+        if problem != self._health_note:  # log changes, not every poll
+            if problem is None:
                 logger.info("openai engine: %s answers", self.engine_url)
             else:
                 logger.warning("openai engine: %s not ready: %s", self.engine_url, problem)
-        self._reachable = reachable
+        self._health_note = problem
+        self._reachable = problem is None
 
     async def _probe(self) -> str | None:
         """``None`` when the server answers well, else what is wrong."""
@@ -350,7 +352,9 @@ class OpenAIEngine:
                     logger.info("openai engine: serves %s", ", ".join(found) or "nothing")
                 self._models = found
                 return None
-        if status != 404 or self._discover:
+        if status == 404 and self._discover:
+            return "GET /v1/models answered 404, so the models cannot be discovered: configure them"
+        if status != 404:
             return f"GET /v1/models answered {status}"
         async with client.stream(
             "GET", self._health_url, headers=self._auth, timeouts=timeouts
