@@ -56,6 +56,9 @@ _REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus
 _HEAD_END = re.compile(rb"\n\r?\n")
 _NO_BODY_STATUSES = frozenset((204, 304))
 _INTERNAL_ERROR = HTTPError(500, "internal server error", code="internal_error")
+_HEAD_TOO_LARGE = HTTPError(
+    431, "request head exceeds the size limit", code="request_header_fields_too_large"
+)
 
 
 def has_obs_fold(buffered: bytes) -> bool:
@@ -240,11 +243,25 @@ class ServerConnection:
         raw = list(event.headers)
         length: int | None = None
         chunked = False
+        # h11 bounds only a head still incomplete; one that arrived whole in a
+        # single read is measured here (request line and fields, with separators).
+        head_bytes = len(event.method) + len(event.target) + 14
         for name, value in raw:
+            head_bytes += len(name) + len(value) + 4
             if name == b"content-length":
                 length = int(value)
             elif name == b"transfer-encoding":
                 chunked = True
+        if head_bytes > limits.max_header_bytes:
+            return await self._fail(_HEAD_TOO_LARGE)
+        if event.http_version != b"1.1" and event.http_version != b"1.0":
+            return await self._fail(
+                HTTPError(
+                    505,
+                    f"HTTP/{event.http_version.decode('ascii')} is not supported",
+                    code="http_version_not_supported",
+                )
+            )
         if chunked and length is not None:
             # RFC 9112 §6.3: a smuggling attempt more often than not; reject and close.
             return await self._fail(
@@ -605,9 +622,7 @@ def _protocol_error(exc: h11.RemoteProtocolError) -> HTTPError:
     """Map h11's verdict on a request head to our answer (its status hint: 400, 431, 501)."""
     status = exc.error_status_hint
     if status == 431:
-        return HTTPError(
-            431, "request head exceeds the size limit", code="request_header_fields_too_large"
-        )
+        return _HEAD_TOO_LARGE
     if status == 501:
         return HTTPError(501, f"not implemented: {exc}", code="not_implemented")
     return HTTPError(400, f"malformed request: {exc}", code="bad_request")
