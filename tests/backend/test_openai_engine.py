@@ -517,6 +517,7 @@ async def test_generate_needs_a_started_engine() -> None:
         ("http://host:99999", {}, "port"),
         ("http://host", {"poll_interval": 0}, "poll_interval"),
         ("http://host", {"models": [""]}, "models"),
+        ("http://host", {"models": []}, "None: discover"),
         ("http://host", {"metrics_url": "nope"}, "absolute http"),
     ],
 )

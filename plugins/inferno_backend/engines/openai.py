@@ -124,8 +124,8 @@ class OpenAIEngine:
     ) -> None:
         if not poll_interval > 0:
             raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
-        if models is not None and not all(isinstance(m, str) and m for m in models):
-            raise ValueError(f"models must be non-empty names, got {models!r}")
+        if models is not None and not (models and all(isinstance(m, str) and m for m in models)):
+            raise ValueError(f"models must be non-empty names (None: discover), got {models!r}")
         base = _base_url(engine_url)
         self.engine_url = base
         self._chat_url = parse_url(base + "/v1/chat/completions")
