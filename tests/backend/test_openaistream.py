@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from inferno_backend.engines.base import EngineError, TokenChunk
 from inferno_backend.engines.openaistream import (
+    MAX_MESSAGE_CHARS,
     ChunkTranslator,
     SSEError,
     SSEEvent,
@@ -239,6 +240,10 @@ def test_error_message_shapes(document: Any, message: str | None) -> None:
 def test_failure_from_answer(status: int, answered: int, temporary: bool) -> None:
     error = failure_from_answer(status, "why")
     assert (error.status, error.temporary, str(error)) == (answered, temporary, "why")
+
+
+def test_failure_messages_are_capped() -> None:
+    assert len(str(failure_from_answer(500, "x" * 100_000))) == MAX_MESSAGE_CHARS
 
 
 def test_failure_from_a_non_error_status_is_a_bad_gateway() -> None:

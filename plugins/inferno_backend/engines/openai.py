@@ -471,7 +471,8 @@ async def _answer_failure(response: ClientResponse) -> EngineError:
         message = error_message(json.loads(body))
     except ValueError:
         message = body.decode("utf-8", "replace").strip()[:500] or None
-    return failure_from_answer(response.status, message or response.reason)
+    fallback = response.reason or f"the engine server answered {response.status}"
+    return failure_from_answer(response.status, message or fallback)
 
 
 async def _finish_body(response: ClientResponse) -> None:

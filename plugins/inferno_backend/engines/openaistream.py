@@ -33,6 +33,7 @@ from inferno_backend.engines.base import EngineError, TokenChunk
 
 __all__ = [
     "MAX_EVENT_BYTES",
+    "MAX_MESSAGE_CHARS",
     "ChunkTranslator",
     "SSEError",
     "SSEEvent",
@@ -44,6 +45,9 @@ __all__ = [
 #: Largest event (or unfinished line) kept; a chunk with logprobs of a long
 #: delta is a few KiB, so more means a broken or hostile server.
 MAX_EVENT_BYTES: Final = 4 * 1024 * 1024
+
+#: Longest error message passed on from the engine server (a traceback is not for users).
+MAX_MESSAGE_CHARS: Final = 2000
 
 _LINE_END: Final = re.compile(rb"\r\n|\r|\n")
 _BOM: Final = b"\xef\xbb\xbf"  # U+FEFF in UTF-8
@@ -189,8 +193,10 @@ def failure_from_answer(status: int, message: str) -> EngineError:
     """The error for a server's non-200 answer: its status, its message.
 
     4xx is the request's fault (permanent) except 408 and 429; 5xx is
-    temporary; anything else (a 3xx, a 204) is a broken server: 502.
+    temporary; anything else (a 3xx, a 204) is a broken server: 502.  The
+    message goes to the end client, so it is capped at :data:`MAX_MESSAGE_CHARS`.
     """
+    message = message[:MAX_MESSAGE_CHARS]
     if not 400 <= status <= 599:
         return EngineError(f"the engine server answered {status}: {message}", status=502)
     temporary = status >= 500 or status in (408, 429)
