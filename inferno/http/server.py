@@ -207,7 +207,10 @@ class _Server:
                     self.limits.max_connections,
                 )
             if self.rejecting >= MAX_PENDING_REJECTIONS:
-                _close_accepted(accepted)
+                if isinstance(accepted, socket.socket):
+                    accepted.close()
+                else:  # closing an anyio stream awaits; a task is affordable here
+                    tg.start_soon(_close_accepted, accepted)
                 return
             self.rejecting += 1
             tg.start_soon(self._reject, accepted, client)
@@ -262,7 +265,7 @@ class _Server:
                 with anyio.CancelScope(shield=True):
                     await wire.aclose()
             else:
-                _close_accepted(accepted)
+                await _close_accepted(accepted)
             if connection is not None:
                 self.connections.discard(connection)
             self.active -= 1
@@ -284,7 +287,7 @@ class _Server:
             logger.debug("%s: rejecting %s failed: %r", self.name, client, exc)
         finally:
             if wire is None:
-                _close_accepted(accepted)
+                await _close_accepted(accepted)
             else:
                 with anyio.CancelScope(shield=True):
                     await wire.aclose()
@@ -323,11 +326,12 @@ def _address(address: object) -> tuple[str, int] | None:
     return None
 
 
-def _close_accepted(accepted: socket.socket | anyio.abc.SocketStream) -> None:
+async def _close_accepted(accepted: socket.socket | anyio.abc.SocketStream) -> None:
     if isinstance(accepted, socket.socket):
         accepted.close()
     else:
-        accepted.extra(SocketAttribute.raw_socket).close()
+        with anyio.CancelScope(shield=True):
+            await accepted.aclose()
 
 
 async def serve(

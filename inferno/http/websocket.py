@@ -196,6 +196,11 @@ class WebSocket:
         self._receiving = True
         try:
             return await self._receive()
+        except WebSocketClosed:
+            # Both close frames exchanged, or the connection is gone: nothing more
+            # will travel on it (RFC 6455 §7.1.1 lets either side close TCP now).
+            await self._wire.aclose()
+            raise
         finally:
             self._receiving = False
 
