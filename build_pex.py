@@ -77,6 +77,8 @@ ENTRY_POINT_GROUP = "inferno"
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
+#: Local distributions ``--with`` accepts besides project directories.
+ARCHIVES = (".whl", ".tar.gz", ".zip")
 ROLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 #: The project name at the head of a PEP 508 requirement, then the rest of it.
 REQUIREMENT = re.compile(
@@ -126,7 +128,11 @@ import json, sys, types
 from inferno.plugins import collect_roles, get_plugin_manager, load_failures
 pm = get_plugin_manager()
 roles = {}
-for name, (role, plugin_name) in collect_roles(pm).items():
+try:
+    offered = collect_roles(pm)
+except Exception as exc:  # e.g. two plugins offer one role: say so, no traceback
+    sys.exit("%s: %s" % (type(exc).__name__, exc))
+for name, (role, plugin_name) in offered.items():
     plugin = pm.get_plugin(plugin_name)
     if isinstance(plugin, types.ModuleType):
         module = plugin.__name__
@@ -210,6 +216,9 @@ def parse_args(argv: Sequence[str]) -> Options:
         help="output directory (default: dist/ next to this script)",
     )
     args = parser.parse_args(argv)
+    for item in args.extras:
+        if looks_like_path(item) and not Path(item).exists():
+            parser.error(f"--with {item}: no such file or directory")
     roles: list[str] = []
     if args.roles:
         for name in (part.strip() for part in args.roles.split(",")):
@@ -218,6 +227,11 @@ def parse_args(argv: Sequence[str]) -> Options:
             if name not in roles:
                 roles.append(name)
     return Options(out=args.out, extras=tuple(args.extras), roles=tuple(roles))
+
+
+def looks_like_path(item: str) -> bool:
+    """Whether a ``--with`` item names a local path (as pip tells: a separator, a dot, a suffix)."""
+    return os.sep in item or item.startswith(".") or item.endswith(ARCHIVES)
 
 
 def check_environment() -> None:
@@ -313,7 +327,7 @@ def local_distributions(extras: Iterable[str], wheelhouse: Path) -> tuple[list[s
     requirements, local = [f"{name}=={version}"], [name]
     for item in extras:
         path = Path(item)
-        if not path.exists():
+        if not looks_like_path(item):
             requirements.append(item)
             continue
         if path.is_file() and path.suffix == ".whl":

@@ -36,6 +36,8 @@ SUPPORTED_MINORS = (10, 11, 12, 13)
 BUILD_TIMEOUT_S = 900
 #: One run of a pex: a cold start unpacks it into a venv first.
 RUN_TIMEOUT_S = 180
+#: Asking an interpreter its version (seconds, even on a loaded machine).
+PROBE_TIMEOUT_S = 60
 
 #: Left out of the snapshot: the environment, build output, caches, VCS data.
 SNAPSHOT_IGNORE = shutil.ignore_patterns(
@@ -80,6 +82,7 @@ def run_build(source: Path, out: Path, *args: str) -> subprocess.CompletedProces
     """Run the snapshot's ``build_pex.py`` into ``out``; the caller checks the result."""
     return subprocess.run(
         [sys.executable, str(source / "build_pex.py"), "--out", str(out), *args],
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         env=clean_env(),
@@ -104,6 +107,7 @@ def run_pex(
     command = [str(python), str(pex)] if python else [str(pex)]
     return subprocess.run(
         [*command, *args],
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         env=dict(env) if env is not None else clean_env(),
@@ -125,13 +129,14 @@ def probe(python: Path, user: Sequence[str] = ()) -> tuple[int, str] | str:
     try:
         result = subprocess.run(
             [*user, str(python), "-I", "-c", code],
+            stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             env=clean_env(),
-            timeout=60,
+            timeout=PROBE_TIMEOUT_S,
             check=False,
         )
-    except OSError as exc:
+    except (OSError, subprocess.TimeoutExpired) as exc:
         return f"{python}: {exc}"
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
@@ -145,7 +150,13 @@ def probe(python: Path, user: Sequence[str] = ()) -> tuple[int, str] | str:
 def candidates(minor: int) -> list[Path]:
     """Where a CPython 3.<minor> may be: every PATH entry, pyenv's versions, the usual prefixes."""
     name = f"python3.{minor}"
-    found = [Path(d) / name for d in os.environ.get("PATH", "").split(os.pathsep) if d]
+    # Not pyenv's shims: they only dispatch to the versions searched below, and fail
+    # (or, on a busy machine, hang) for a version pyenv has not activated.
+    found = [
+        Path(d) / name
+        for d in os.environ.get("PATH", "").split(os.pathsep)
+        if d and Path(d).name != "shims"
+    ]
     pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
     found += sorted(pyenv.glob(f"versions/3.{minor}.*/bin/{name}"), reverse=True)
     found += [Path("/usr/local/bin") / name, Path("/usr/bin") / name]

@@ -37,7 +37,8 @@ pytestmark = [
 ]
 
 NOBODY = 65534
-SETPRIV = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+#: setpriv then env: setpriv may exec a path root can reach but nobody cannot; env execs as nobody.
+SETPRIV = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "env"]
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:
@@ -136,13 +137,21 @@ def test_runs_as_unprivileged_user_without_writable_home(
     home_dir.mkdir(mode=0o755)
     env = {
         "HOME": "/nonexistent" if home == "missing" else str(home_dir),
-        "PATH": str(bin_dir),
+        # /usr/bin too: pex's first start runs ldd (to tell glibc from musl).
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
         "TMPDIR": str(tmp),
     }
-    command = [*SETPRIV, "env", "-i", *(f"{k}={v}" for k, v in env.items()), str(pex), "version"]
+    command = [*SETPRIV, "-i", *(f"{k}={v}" for k, v in env.items()), str(pex), "version"]
 
     for _ in ("cold", "warm"):
-        result = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+        result = subprocess.run(
+            command,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
         assert "inferno" in ok(result)
         # pex's own fallback (a new temporary PEX_ROOT every run) warns; ours is silent.
         assert "un-writeable" not in result.stderr, result.stderr
@@ -168,8 +177,10 @@ def test_fallback_never_adopts_a_directory_planted_by_someone_else(
     planted.mkdir()
     planted.chmod(0o777)  # root's and world-writable: anyone could have put code in it
     env = ["HOME=/nonexistent", f"TMPDIR={tmp}", "PATH=/usr/bin:/bin"]
-    command = [*SETPRIV, "env", "-i", *env, str(python), str(pex), "version"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
+    command = [*SETPRIV, "-i", *env, str(python), str(pex), "version"]
+    result = subprocess.run(
+        command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180, check=False
+    )
     assert "inferno" in ok(result)
     assert "un-writeable" in result.stderr  # pex's own temporary PEX_ROOT, as documented
     assert str(planted) not in result.stdout
@@ -292,4 +303,11 @@ def test_malformed_roles_is_a_usage_error(snapshot: Path, tmp_path: Path) -> Non
     result = run_build(snapshot, tmp_path, "--roles", "hello,,x y")
     assert result.returncode == 2
     assert "is not a role name" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_with_path_is_a_usage_error(snapshot: Path, tmp_path: Path) -> None:
+    result = run_build(snapshot, tmp_path, "--with", str(tmp_path / "no-such-plugin"))
+    assert result.returncode == 2
+    assert "no such file or directory" in result.stderr
     assert "Traceback" not in result.stderr
