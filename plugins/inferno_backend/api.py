@@ -1,0 +1,547 @@
+"""The OpenAI-compatible inference API of the service port.
+
+Routes::
+
+    GET  /v1/models                 {"object": "list", "data": [{"id", "object": "model", ...}]}
+    GET  /v1/models/{model}         one model object, or 404 model_not_found
+    POST /v1/chat/completions       chat.completion, or an SSE stream of chat.completion.chunk
+    POST /v1/completions            text_completion, or an SSE stream of text_completion chunks
+    GET  /v1/ws                     WebSocket: the same requests and chunks (below)
+    GET  /health                    200 {"status": "ready"} or 503 {"status": why not}
+
+Every error is ``{"error": {"message", "type", "param", "code"}}`` with the
+status OpenAI uses: 400 for a bad field (``param`` names it), 404
+``model_not_found``, 413 for a body over ``max_body_size``, 429 with
+``Retry-After`` when the queue is full, 503 with ``Retry-After`` while the
+node drains or its engine is unavailable (so a proxy retries elsewhere), and
+the engine's own status when the engine fails.
+
+**Streaming.**  A request is admitted (:mod:`~inferno_backend.admission`) and
+its first token awaited *before* the response head is sent, so every failure
+up to the first token still has its proper status and a proxy may retry it;
+from then on each engine chunk is written as soon as it is produced
+(``data: {...}\\n\\n``, then ``data: [DONE]``).  An engine failure mid-stream
+becomes an error event (``data: {"error": {..., "code": <status>}}``) and ends
+the stream without ``[DONE]``.
+
+**Disconnects.**  The server notices a client that went away when a write
+fails, and then closes the response body; closing it closes the engine's
+generation and gives the admission slot back at once.  A streamed generation
+is therefore stopped within a token or two.  (A request still queued, or a
+non-streaming one, is not written to until it completes, so its slot is held
+until then.)
+
+**WebSocket** (``/v1/ws``).  Each text message from the client is one
+request: the JSON body of a chat or completions request plus an
+``"endpoint"`` field, ``"chat/completions"`` or ``"completions"`` (a leading
+``/v1/`` is accepted); without it, ``"messages"`` means chat and ``"prompt"``
+completions.  The answer is always streamed (``"stream"`` is ignored), one text message per chunk in
+exactly the JSON of the SSE stream (``stream_options.include_usage`` adds the
+usage chunk too), then one terminal message::
+
+    {"done": true, "id": "chatcmpl-…", "finish_reason": "stop",
+     "usage": {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42}}
+
+or, when the request fails at any point, instead::
+
+    {"error": {"message", "type", "param", "code"}, "status": 429}
+
+Requests on one socket are served one after another (send the next after the
+terminal message, or earlier: it waits its turn).  Closing the socket stops a
+generation at its next token.  While the node drains, an idle socket is closed
+with 1001 (going away), a busy one after its terminal message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import anyio
+
+from inferno.errors import HTTPError
+from inferno.http import Request, Response, WebSocket, WebSocketAccept, WebSocketClosed
+from inferno.metrics import Registry
+from inferno_backend.admission import Admission, AdmissionRejected, Lease
+from inferno_backend.engines.base import Engine, EngineError, TokenChunk
+from inferno_backend.oaischema import (
+    ChunkEncoder,
+    Kind,
+    OpenAIError,
+    ParsedRequest,
+    completion_id,
+    model_object,
+    models_list,
+    parse_request,
+    usage,
+    whole_response,
+)
+
+__all__ = ["RETRY_AFTER_SECONDS", "InferenceAPI"]
+
+logger = logging.getLogger("inferno_backend.api")
+
+#: ``Retry-After`` of a 429 or 503: long enough for a slot to free up under a
+#: steady load, short enough that a client does not idle.
+RETRY_AFTER_SECONDS: Final = 1
+#: Longest wait for an engine stream to close (a fronted server's connection).
+CLOSE_TIMEOUT: Final = 5.0
+#: WebSocket close code sent to idle sockets when the node drains (RFC 6455 §7.4.1).
+WS_GOING_AWAY: Final = 1001
+
+_SSE_HEADERS: Final = [
+    ("content-type", "text/event-stream; charset=utf-8"),
+    ("cache-control", "no-cache"),
+    ("x-accel-buffering", "no"),  # nginx and friends: do not buffer the stream
+]
+_DONE: Final = b"data: [DONE]\n\n"
+_DRAINING: Final = "draining"  # error code of the 503 answered while the node drains
+_GENERATION_ROUTES: Final[dict[str, Kind]] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+}
+_WS_ENDPOINTS: Final[dict[str, Kind]] = {
+    "chat/completions": "chat",
+    "/v1/chat/completions": "chat",
+    "completions": "completion",
+    "/v1/completions": "completion",
+}
+_KNOWN_ROUTES: Final = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/ws", "/health"}
+)
+
+
+def _retry_later(status: int, message: str, code: str) -> OpenAIError:
+    return OpenAIError(
+        status, message, code=code, headers=[("retry-after", str(RETRY_AFTER_SECONDS))]
+    )
+
+
+def engine_failure(exc: EngineError) -> OpenAIError:
+    """The answer for an engine failure: its status (5xx temporary ones with Retry-After)."""
+    status = exc.status if 400 <= exc.status <= 599 else 502
+    headers = [("retry-after", str(RETRY_AFTER_SECONDS))] if status in (429, 503) else None
+    code = "model_not_found" if status == 404 else "engine_error"
+    return OpenAIError(status, str(exc), code=code, headers=headers)
+
+
+class _Metrics:
+    """The API's series in the role's registry (``/telemetry``)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.requests = registry.counter(
+            "inferno_backend_requests_total",
+            "Requests answered, by route and status.",
+            ("route", "status"),
+        )
+        self.duration = registry.histogram(
+            "inferno_backend_request_duration_seconds",
+            "Time from request to the last byte of its answer.",
+            ("route",),
+        )
+        self.ttft = registry.histogram(
+            "inferno_backend_time_to_first_token_seconds",
+            "Time from request to the first generated token (queueing included).",
+            ("route",),
+        )
+        self.prompt_tokens = registry.counter(
+            "inferno_backend_prompt_tokens_total", "Prompt tokens of answered requests."
+        )
+        self.completion_tokens = registry.counter(
+            "inferno_backend_completion_tokens_total", "Tokens generated."
+        )
+        self.failed = registry.counter(
+            "inferno_backend_failed_responses_total",
+            "Answers that failed (5xx or a broken stream).",
+        )
+        self.backoff = registry.counter(
+            "inferno_backend_backoff_requests_total",
+            "Requests turned away with Retry-After (queue full: 429, draining: 503).",
+            ("reason",),
+        )
+
+
+class _Generation:
+    """One admitted generation: its lease, its engine stream and the chunks so far."""
+
+    __slots__ = ("first", "last", "lease", "parsed", "route", "started", "stream")
+
+    def __init__(
+        self,
+        parsed: ParsedRequest,
+        route: str,
+        started: float,
+        lease: Lease,
+        stream: AsyncIterator[TokenChunk],
+        first: TokenChunk,
+    ) -> None:
+        self.parsed = parsed
+        self.route = route
+        self.started = started
+        self.lease = lease
+        self.stream = stream
+        self.first = first
+        self.last = first
+
+    async def rest(self) -> AsyncIterator[TokenChunk]:
+        """The chunks after the first, up to the one with a ``finish_reason``."""
+        if self.first.finish_reason is not None:
+            return
+        async for chunk in self.stream:
+            self.last = chunk
+            yield chunk
+            if chunk.finish_reason is not None:
+                return
+
+
+class InferenceAPI:
+    """The service port's handler (``handle``) over one engine and one admission control.
+
+    :param engine: the engine that generates.
+    :param admission: the concurrency limit and queue.
+    :param registry: where request metrics go.
+    :param max_message_bytes: largest WebSocket request message (like the HTTP body limit).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        admission: Admission,
+        registry: Registry,
+        *,
+        max_message_bytes: int = 8 * 1024 * 1024,
+    ) -> None:
+        self.engine = engine
+        self.admission = admission
+        self.max_message_bytes = max_message_bytes
+        self.created = int(time.time())
+        #: Answers that failed (5xx, broken streams) since start: ``failed_responses``.
+        self.failed_responses = 0
+        #: Requests turned away with Retry-After since start: ``backoff_requests``.
+        self.backoff_requests = 0
+        self._metrics = _Metrics(registry)
+        self._draining = False
+        self._idle_sockets: set[anyio.CancelScope] = set()
+
+    # -- state -------------------------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def start_draining(self) -> None:
+        """Refuse new requests (503), let admitted and queued ones finish, close idle sockets."""
+        self._draining = True
+        self.admission.close()
+        for scope in list(self._idle_sockets):
+            scope.cancel()
+
+    def not_ready_reason(self) -> str | None:
+        """Why the node should not get traffic now, or ``None`` when it is ready."""
+        if self._draining:
+            return "draining"
+        if not self.engine.ready():
+            return "engine not ready"
+        return None
+
+    # -- HTTP --------------------------------------------------------------------------
+
+    async def handle(self, request: Request) -> Response:
+        """Answer one request (the server renders a raised HTTPError)."""
+        path = request.path
+        route = path if path in _KNOWN_ROUTES else "other"
+        started = time.monotonic()
+        try:
+            response = await self._dispatch(request, path, route, started)
+        except HTTPError as exc:
+            self._answered(route, exc.status, started, exc.code)
+            raise
+        except Exception:
+            self._answered(route, 500, started)
+            raise
+        if isinstance(response.body, bytes):
+            self._answered(route, response.status, started)
+        else:  # a stream: its duration is observed when it ends
+            self._metrics.requests.labels(route=route, status=str(response.status)).inc()
+        return response
+
+    def _answered(self, route: str, status: int, started: float, code: object = None) -> None:
+        self._metrics.requests.labels(route=route, status=str(status)).inc()
+        self._metrics.duration.labels(route=route).observe(time.monotonic() - started)
+        if status >= 500 and code != _DRAINING:  # turning away while draining is a back-off
+            self._failed()
+
+    def _failed(self) -> None:
+        self.failed_responses += 1
+        self._metrics.failed.inc()
+
+    async def _dispatch(self, request: Request, path: str, route: str, started: float) -> Response:
+        kind = _GENERATION_ROUTES.get(path)
+        if kind is not None:
+            _allow(request, "POST")
+            parsed = parse_request(kind, await request.json(), _request_id(request, kind))
+            generation = await self._start(parsed, route, started)
+            if parsed.stream:
+                return Response(200, _SSE_HEADERS, self._sse(generation))
+            return await self._whole(generation)
+        if path == "/v1/models":
+            _allow(request, "GET")
+            return Response.json(models_list(self.engine.models(), self.created))
+        if path.startswith("/v1/models/"):
+            _allow(request, "GET")
+            model = path[len("/v1/models/") :]
+            self._check_model(model)
+            return Response.json(model_object(model, self.created))
+        if path == "/v1/ws":
+            return WebSocketAccept(self._ws_session, max_message_bytes=self.max_message_bytes)
+        if path == "/health":
+            _allow(request, "GET")
+            return health_response(self.not_ready_reason())
+        raise OpenAIError(404, f"no route {request.method} {path}", code="not_found")
+
+    def _check_model(self, model: str) -> None:
+        if model not in self.engine.models():
+            raise OpenAIError(
+                404,
+                f"the model {model!r} does not exist (served here: "
+                f"{', '.join(self.engine.models()) or 'none yet'})",
+                param="model",
+                code="model_not_found",
+            )
+
+    # -- generation ----------------------------------------------------------------------
+
+    async def _start(self, parsed: ParsedRequest, route: str, started: float) -> _Generation:
+        """Admit ``parsed`` and wait for its first chunk.
+
+        :raises HTTPError: 404 unknown model, 429/503 turned away, the engine's failure.
+        """
+        self._check_model(parsed.model)
+        if self._draining:
+            self._backoff("draining")
+            raise _retry_later(503, "the node is draining for shutdown", _DRAINING)
+        if not self.engine.ready():
+            raise _retry_later(503, "the engine is not ready", "engine_unavailable")
+        try:
+            lease = await self.admission.acquire()
+        except AdmissionRejected as exc:
+            self._backoff(exc.reason)
+            if exc.reason == "full":
+                raise _retry_later(
+                    429, "the node is at capacity; retry later", "queue_full"
+                ) from None
+            raise _retry_later(503, "the node is draining for shutdown", _DRAINING) from None
+        stream = self.engine.generate(parsed.generation)
+        try:
+            first = await stream.__anext__()
+        except BaseException as exc:
+            await _close(stream)
+            lease.release()
+            if isinstance(exc, EngineError):
+                raise engine_failure(exc) from None
+            if isinstance(exc, StopAsyncIteration):
+                raise OpenAIError(502, "the engine produced nothing", code="engine_error") from None
+            raise
+        self._metrics.ttft.labels(route=route).observe(time.monotonic() - started)
+        return _Generation(parsed, route, started, lease, stream, first)
+
+    def _backoff(self, reason: str) -> None:
+        self.backoff_requests += 1
+        self._metrics.backoff.labels(reason=reason).inc()
+
+    async def _finish(self, generation: _Generation, *, observe: bool = True) -> None:
+        """Close the engine stream, free the slot, count tokens; never raises, bounded."""
+        await _close(generation.stream)
+        generation.lease.release()
+        last = generation.last
+        self._metrics.prompt_tokens.inc(last.prompt_tokens)
+        self._metrics.completion_tokens.inc(last.completion_tokens)
+        if observe:
+            elapsed = time.monotonic() - generation.started
+            self._metrics.duration.labels(route=generation.route).observe(elapsed)
+
+    async def _whole(self, generation: _Generation) -> Response:
+        pieces = [generation.first.text]
+        try:
+            async for chunk in generation.rest():
+                pieces.append(chunk.text)
+        except EngineError as exc:
+            raise engine_failure(exc) from None
+        finally:
+            await self._finish(generation, observe=False)
+        parsed, last = generation.parsed, generation.last
+        document = whole_response(
+            parsed.kind,
+            completion_id(parsed.kind),
+            int(time.time()),
+            parsed.model,
+            "".join(pieces),
+            last.finish_reason,
+            last.prompt_tokens,
+            last.completion_tokens,
+        )
+        return Response.json(document)
+
+    async def _sse(self, generation: _Generation) -> AsyncIterator[bytes]:
+        parsed = generation.parsed
+        encoder = ChunkEncoder(
+            parsed.kind,
+            completion_id(parsed.kind),
+            int(time.time()),
+            parsed.model,
+            parsed.include_usage,
+        )
+        first = generation.first
+        try:
+            yield b"data: " + encoder.chunk(first.text, first.finish_reason) + b"\n\n"
+            try:
+                async for chunk in generation.rest():
+                    if chunk.text or chunk.finish_reason is not None:
+                        yield b"data: " + encoder.chunk(chunk.text, chunk.finish_reason) + b"\n\n"
+            except EngineError as exc:
+                self._failed()
+                logger.warning("stream %s failed mid-way: %s", parsed.generation.request_id, exc)
+                yield b"data: " + _error_event(engine_failure(exc)) + b"\n\n"
+                return
+            last = generation.last
+            if encoder.include_usage:
+                usage_chunk = encoder.usage_chunk(last.prompt_tokens, last.completion_tokens)
+                yield b"data: " + usage_chunk + b"\n\n"
+            yield _DONE
+        finally:
+            await self._finish(generation)
+
+    # -- WebSocket ----------------------------------------------------------------------
+
+    async def _ws_session(self, ws: WebSocket) -> None:
+        while not self._draining:
+            with anyio.CancelScope() as waiting:
+                self._idle_sockets.add(waiting)
+                try:
+                    message = await ws.receive()
+                except WebSocketClosed:
+                    return
+                finally:
+                    self._idle_sockets.discard(waiting)
+            if waiting.cancelled_caught:
+                break
+            await self._ws_request(ws, message)
+        await ws.close(WS_GOING_AWAY, "the node is draining")
+
+    async def _ws_request(self, ws: WebSocket, message: str | bytes) -> None:
+        route = "/v1/ws"
+        started = time.monotonic()
+        try:
+            parsed = _parse_ws_message(message)
+            generation = await self._start(parsed, route, started)
+        except HTTPError as exc:
+            self._answered(route, exc.status, started, exc.code)
+            await ws.send(_ws_error(exc))
+            return
+        self._metrics.requests.labels(route=route, status="200").inc()
+        id_ = completion_id(parsed.kind)
+        encoder = ChunkEncoder(parsed.kind, id_, int(time.time()), parsed.model, True)
+        try:
+            first = generation.first
+            await ws.send(encoder.chunk(first.text, first.finish_reason).decode("utf-8"))
+            try:
+                async for chunk in generation.rest():
+                    if chunk.text or chunk.finish_reason is not None:
+                        await ws.send(encoder.chunk(chunk.text, chunk.finish_reason).decode())
+            except EngineError as exc:
+                self._failed()
+                await ws.send(_ws_error(engine_failure(exc)))
+                return
+            last = generation.last
+            if parsed.include_usage:
+                usage_chunk = encoder.usage_chunk(last.prompt_tokens, last.completion_tokens)
+                await ws.send(usage_chunk.decode())
+            done = {
+                "done": True,
+                "id": id_,
+                "finish_reason": last.finish_reason,
+                "usage": usage(last.prompt_tokens, last.completion_tokens),
+            }
+            await ws.send(json.dumps(done, separators=(",", ":")))
+        finally:
+            await self._finish(generation)
+
+
+def health_response(reason: str | None) -> Response:
+    """``/health``: 200 when ready, else 503 saying why (with Retry-After)."""
+    if reason is None:
+        return Response.json({"status": "ready"})
+    return Response.json(
+        {"status": reason}, status=503, headers=[("retry-after", str(RETRY_AFTER_SECONDS))]
+    )
+
+
+def _allow(request: Request, method: str) -> None:
+    if request.method != method:
+        raise OpenAIError(
+            405,
+            f"{request.path} takes {method}, not {request.method}",
+            code="method_not_allowed",
+            headers=[("allow", method)],
+        )
+
+
+def _request_id(request: Request, kind: Kind) -> str:
+    """The caller's ``X-Request-Id`` when it is sane (it appears in logs), else a new id."""
+    given = request.headers.get("x-request-id")
+    if given and len(given) <= 128 and given.isascii() and given.isprintable():
+        return given
+    return completion_id(kind)
+
+
+def _parse_ws_message(message: str | bytes) -> ParsedRequest:
+    try:
+        document: Any = json.loads(message)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise OpenAIError(
+            400, f"the message is not valid JSON: {exc}", code="invalid_json"
+        ) from None
+    if not isinstance(document, dict):
+        raise OpenAIError(400, "the message must be a JSON object")
+    endpoint = document.pop("endpoint", None)
+    if endpoint is None:
+        kind: Kind | None = "chat" if "messages" in document else "completion"
+    elif isinstance(endpoint, str):
+        kind = _WS_ENDPOINTS.get(endpoint)
+    else:
+        kind = None
+    if kind is None:
+        raise OpenAIError(
+            400,
+            f"endpoint: {endpoint!r} is not 'chat/completions' or 'completions'",
+            param="endpoint",
+            code="invalid_value",
+        )
+    document["stream"] = True  # always streamed here; stream_options is then allowed
+    return parse_request(kind, document, completion_id(kind))
+
+
+def _error_event(exc: HTTPError) -> bytes:
+    """An error chunk; ``code`` is the status, as vLLM sends it, so proxies can read it."""
+    body = exc.body()
+    body["error"]["code"] = exc.status
+    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
+def _ws_error(exc: HTTPError) -> str:
+    return json.dumps({**exc.body(), "status": exc.status}, separators=(",", ":"))
+
+
+async def _close(stream: AsyncIterator[TokenChunk]) -> None:
+    """Close an engine stream, even from a cancelled task (bounded)."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is None:
+        return
+    with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+        try:
+            await aclose()
+        except Exception:
+            logger.exception("closing an engine stream failed")
