@@ -28,7 +28,7 @@ import select
 import socket
 import ssl
 from collections.abc import AsyncIterable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import anyio
 import h11
@@ -154,8 +154,8 @@ class _Wire(asyncio.Protocol):
     # -- asyncio.Protocol callbacks ------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports do not inherit from asyncio.Transport: no isinstance check.
+        self._transport = cast("asyncio.Transport", transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Small requests and responses must not wait for Nagle's algorithm.
@@ -292,16 +292,16 @@ async def open_connection(
         loop = asyncio.get_running_loop()
     except RuntimeError:
         raise RuntimeError("Inferno's HTTP client needs anyio's asyncio backend") from None
+    options: dict[str, Any] = {}
+    if ssl_context is not None:
+        options.update(ssl=ssl_context, server_hostname=origin.host)  # SNI + host name check
+    if isinstance(loop, asyncio.BaseEventLoop):  # uvloop refuses the argument (uvloop#406)
+        options["happy_eyeballs_delay"] = HAPPY_EYEBALLS_DELAY
     delay, by_total = budget.limit(budget.timeouts.connect)
     with anyio.move_on_after(delay):
         try:
             _, wire = await loop.create_connection(
-                lambda: _Wire(loop),
-                origin.host,
-                origin.port,
-                ssl=ssl_context,
-                server_hostname=origin.host if ssl_context is not None else None,
-                happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
+                lambda: _Wire(loop), origin.host, origin.port, **options
             )
         except ssl.SSLError as exc:
             raise TLSError(f"TLS handshake with {origin} failed: {_describe(exc)}") from exc
