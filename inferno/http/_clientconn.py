@@ -1,47 +1,33 @@
-"""One HTTP/1.1 client connection: h11 over a lean asyncio transport.
+"""One HTTP/1.1 client connection: h11 over a :class:`ClientWire`.
 
-This is the thin driver of the client: it moves bytes between the socket and
-h11, applies the deadline of each phase and translates every foreign exception
-into :mod:`inferno.http.client_errors`.  It makes no pool decision;
+This is the protocol half of the client's driver: it turns a request into
+bytes for the wire and the wire's bytes into a response, applies the deadline
+of each phase and translates every foreign exception into
+:mod:`inferno.http.client_errors`.  It makes no pool decision;
 :mod:`inferno.http.client` asks it whether it can be reused and closes it.
 
-The proxy runs this path for every request, so it is kept short.  Bytes move
-through :class:`_Wire`, an ``asyncio.Protocol`` that reads eagerly into a
-buffer: a receive with data waiting returns at once, a send is one
-``transport.write``, and a deadline is one ``loop.call_at`` armed only when a
-receive or a drain really waits.  anyio's socket stream instead pauses and
-resumes reading around every receive and yields after every send, and a cancel
-scope per phase costs about as much again; together that was roughly twice
-the per-request CPU of a plain asyncio + h11 hop.  Cancellation is still
-anyio's: a cancel scope cancels the task, which cancels the future a receive
-or drain waits on.  Connecting (rare) uses an anyio cancel scope for its timeout.
-
-The client therefore needs anyio's asyncio backend (asyncio or uvloop), which
-is what Inferno runs on.
+The per-request path is kept short (the proxy runs it for every request): the
+request head and a small body leave in one write, deadlines are absolute loop
+times handed to the wire (no cancel scope per phase), no task is spawned.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import select
-import socket
 import ssl
 from collections.abc import AsyncIterable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio
 import h11
 
+from inferno.http._clientwire import ClientWire, connect, describe
 from inferno.http.client_errors import (
     ClientTimeout,
-    ConnectError,
     ConnectTimeout,
     LocalProtocolError,
     ReadError,
     ReadTimeout,
     RemoteProtocolError,
-    TLSError,
     TotalTimeout,
     WriteError,
     WriteTimeout,
@@ -61,9 +47,7 @@ __all__ = [
     "open_connection",
 ]
 
-READ_HIGH_WATER = 256 * 1024  # bytes buffered unread before the socket stops being read
 COALESCE_BODY_BYTES = 64 * 1024  # bodies up to this size leave in the same write as the head
-HAPPY_EYEBALLS_DELAY = 0.25  # seconds before trying a host's next address (RFC 8305)
 
 RequestBody: TypeAlias = bytes | AsyncIterable[bytes] | None
 HeadersInput: TypeAlias = Mapping[str, str] | Iterable[tuple[str | bytes, str | bytes]] | None
@@ -116,171 +100,6 @@ class Budget:
         return kind(what, request_sent=request_sent)
 
 
-class _Wire(asyncio.Protocol):
-    """The bytes of one TCP (or TLS) connection, read eagerly into a buffer.
-
-    ``receive`` and ``send`` take an absolute deadline (loop time) and raise
-    :class:`TimeoutError` when it passes; a dead connection raises
-    ``anyio.BrokenResourceError``; the end of the stream reads as ``b""``.
-    """
-
-    __slots__ = (
-        "_buffered",
-        "_chunks",
-        "_closed",
-        "_drain_waiter",
-        "_eof",
-        "_error",
-        "_loop",
-        "_read_paused",
-        "_read_waiter",
-        "_transport",
-        "_write_paused",
-    )
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._transport: asyncio.Transport | None = None
-        self._chunks: list[bytes] = []
-        self._buffered = 0
-        self._eof = False  # the peer finished sending, or the connection is gone
-        self._closed = False  # we closed it
-        self._error: Exception | None = None
-        self._read_paused = False
-        self._write_paused = False
-        self._read_waiter: asyncio.Future[bool] | None = None
-        self._drain_waiter: asyncio.Future[bool] | None = None
-
-    # -- asyncio.Protocol callbacks ------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not inherit from asyncio.Transport: no isinstance check.
-        self._transport = cast("asyncio.Transport", transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Small requests and responses must not wait for Nagle's algorithm.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def data_received(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._buffered += len(data)
-        _wake(self._read_waiter)
-        if self._buffered > READ_HIGH_WATER and not self._read_paused:
-            self._read_paused = True
-            assert self._transport is not None
-            self._transport.pause_reading()
-
-    def eof_received(self) -> None:
-        self._eof = True  # returning None lets the transport close: a client never half-closes
-        _wake(self._read_waiter)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._eof = True
-        self._error = exc
-        _wake(self._read_waiter)
-        _wake(self._drain_waiter)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        _wake(self._drain_waiter)
-
-    # -- used by ClientConnection --------------------------------------------------
-
-    def time(self) -> float:
-        return self._loop.time()
-
-    def at_rest(self) -> bool:
-        """Nothing received and not closed: on an idle connection anything else is fatal.
-
-        The kernel is asked too (one zero-timeout poll): a FIN or reset that
-        arrived since the event loop last looked is not in our buffer yet.
-        """
-        if self._chunks or self._eof or self._closed or self._transport is None:
-            return False
-        sock = self._transport.get_extra_info("socket")
-        if sock is None:
-            return True
-        fd = sock.fileno()
-        if fd < 0:
-            return False
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        return not poller.poll(0)
-
-    async def receive(self, deadline: float | None) -> bytes:
-        chunks = self._chunks
-        if not chunks:
-            if self._eof or self._closed:
-                return self._at_end()
-            waiter = self._read_waiter = self._loop.create_future()
-            timer = None if deadline is None else self._loop.call_at(deadline, _wake, waiter, True)
-            try:
-                timed_out = await waiter
-            finally:
-                self._read_waiter = None
-                if timer is not None:
-                    timer.cancel()
-            if not chunks:
-                if timed_out:
-                    raise TimeoutError
-                return self._at_end()
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self._buffered = 0
-        if self._read_paused:
-            self._read_paused = False
-            assert self._transport is not None
-            self._transport.resume_reading()
-        return data
-
-    def _at_end(self) -> bytes:
-        if self._closed or self._error is not None:
-            raise anyio.BrokenResourceError from self._error
-        return b""
-
-    def writable(self) -> bool:
-        """Whether a send can still reach the transport (neither side closed it)."""
-        transport = self._transport
-        return not self._closed and transport is not None and not transport.is_closing()
-
-    async def send(self, data: bytes, deadline: float | None) -> None:
-        transport = self._transport
-        if not self.writable() or transport is None:
-            raise anyio.BrokenResourceError from self._error
-        transport.write(data)
-        if self._write_paused:
-            waiter = self._drain_waiter = self._loop.create_future()
-            timer = None if deadline is None else self._loop.call_at(deadline, _wake, waiter, True)
-            try:
-                timed_out = await waiter
-            finally:
-                self._drain_waiter = None
-                if timer is not None:
-                    timer.cancel()
-            if self._write_paused:
-                if timed_out:
-                    raise TimeoutError
-                raise anyio.BrokenResourceError from self._error
-
-    def close(self) -> None:
-        """Close at once (no TLS close_notify, unsent bytes dropped): HTTP frames its
-        messages, so nothing is lost that the peer could have relied on.
-        """
-        self._closed = True
-        if self._transport is not None:
-            self._transport.abort()
-        _wake(self._read_waiter)
-        _wake(self._drain_waiter)
-
-
-def _wake(waiter: asyncio.Future[bool] | None, timed_out: bool = False) -> None:
-    if waiter is not None and not waiter.done():
-        waiter.set_result(timed_out)
-
-
 async def open_connection(
     origin: Origin,
     ssl_context: ssl.SSLContext | None,
@@ -288,25 +107,9 @@ async def open_connection(
     max_header_bytes: int,
 ) -> ClientConnection:
     """Connect to ``origin`` (TCP, then TLS for https) within ``Timeouts.connect``."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        raise RuntimeError("Inferno's HTTP client needs anyio's asyncio backend") from None
-    options: dict[str, Any] = {}
-    if ssl_context is not None:
-        options.update(ssl=ssl_context, server_hostname=origin.host)  # SNI + host name check
-    if isinstance(loop, asyncio.BaseEventLoop):  # uvloop refuses the argument (uvloop#406)
-        options["happy_eyeballs_delay"] = HAPPY_EYEBALLS_DELAY
     delay, by_total = budget.limit(budget.timeouts.connect)
     with anyio.move_on_after(delay):
-        try:
-            _, wire = await loop.create_connection(
-                lambda: _Wire(loop), origin.host, origin.port, **options
-            )
-        except ssl.SSLError as exc:
-            raise TLSError(f"TLS handshake with {origin} failed: {_describe(exc)}") from exc
-        except OSError as exc:
-            raise ConnectError(f"cannot connect to {origin}: {_describe(exc)}") from exc
+        wire = await connect(origin, ssl_context)
         return ClientConnection(wire, origin, max_header_bytes)
     raise budget.expired(
         ConnectTimeout,
@@ -321,7 +124,7 @@ class ClientConnection:
 
     __slots__ = ("_h11", "_max_head_bytes", "_wire", "origin", "request_sent")
 
-    def __init__(self, wire: _Wire, origin: Origin, max_header_bytes: int) -> None:
+    def __init__(self, wire: ClientWire, origin: Origin, max_header_bytes: int) -> None:
         self._wire = wire
         # h11 refuses a response head growing past this while incomplete.
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
@@ -473,7 +276,7 @@ class ClientConnection:
                 request_sent=True,
             ) from None
         except _BROKEN as exc:
-            raise ReadError(f"receiving from {self.origin} failed: {_describe(exc)}") from exc
+            raise ReadError(f"receiving from {self.origin} failed: {describe(exc)}") from exc
 
     async def _send(self, data: bytes, budget: Budget) -> None:
         wire = self._wire
@@ -494,7 +297,7 @@ class ClientConnection:
             ) from None
         except _BROKEN as exc:
             raise WriteError(
-                f"sending to {self.origin} failed: {_describe(exc)}", request_sent=True
+                f"sending to {self.origin} failed: {describe(exc)}", request_sent=True
             ) from exc
 
 
@@ -573,20 +376,3 @@ def _remote_error(origin: Origin, exc: h11.RemoteProtocolError) -> RemoteProtoco
     if exc.error_status_hint == 431:  # h11's max_incomplete_event_size
         return RemoteProtocolError(_HEAD_TOO_LARGE.format(origin))
     return RemoteProtocolError(f"{origin} broke HTTP/1.1: {exc}")
-
-
-def _describe(exc: BaseException) -> str:
-    """A readable reason: errors often have no message, or a vague one
-    ("Connect call failed"), and their errno or cause says what happened.
-    """
-    parts: list[str] = []
-    seen: BaseException | None = exc
-    while seen is not None and len(parts) < 3:
-        if isinstance(seen, OSError) and seen.errno and not isinstance(seen, ssl.SSLError):
-            text = os.strerror(seen.errno)
-        else:
-            text = str(seen)
-        if text and text not in parts:
-            parts.append(text)
-        seen = seen.__cause__
-    return ": ".join(parts) or type(exc).__name__

@@ -47,7 +47,8 @@ __all__ = [
 
 
 class ClientError(InfernoError):
-    """Base of every error the HTTP client raises on purpose.
+    """Raised (as one of the subclasses below) when an HTTP client request fails;
+    the base of every error the client raises on purpose.
 
     ``request_sent`` is ``True`` when any byte of the request may have reached
     the network; a caller retries a request whose ``request_sent`` is ``False``
@@ -104,6 +105,8 @@ class WriteTimeout(ClientTimeout):
     The server stopped reading.  Part of the request may have gone out.
     """
 
+    request_sent = True
+
 
 class PoolTimeout(ClientTimeout):
     """Raised when no connection to the origin became free within ``Timeouts.pool``.
@@ -117,8 +120,10 @@ class PoolTimeout(ClientTimeout):
 
 class TotalTimeout(ClientTimeout):
     """Raised when the whole request, from the pool wait to the last body byte,
-    outlived ``Timeouts.total``.
+    outlived ``Timeouts.total``.  ``request_sent`` says how far it got.
     """
+
+    request_sent = True
 
 
 class ReadError(ClientError):
@@ -132,6 +137,7 @@ class WriteError(ClientError):
     """Raised when sending on an established connection failed (reset, broken pipe)."""
 
     temporary = True
+    request_sent = True
 
 
 class RemoteProtocolError(ClientError):
