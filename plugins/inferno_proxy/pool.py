@@ -400,7 +400,10 @@ class Pool:
         """Follow up a change: forget a removed node; note entering or leaving rotation."""
         if node.health.state is HealthState.REMOVED:
             if self._holds(node):
-                reason = node.health.last_failure or "failed checks"
+                health = node.health
+                reason = f"{health.consecutive_failures} consecutive failures"
+                if health.last_failure:
+                    reason += f", last: {health.last_failure}"
                 changes.extend(self.remove(node.id, now, reason))
             return
         settled = node.fully_in_rotation()
