@@ -610,3 +610,33 @@ async def test_closed_client_refuses_requests(foreign_server) -> None:
     assert (stats.opened, stats.closed) == (1, 1)
     with pytest.raises(RuntimeError, match="closed"):
         await client.request("GET", foreign_server.url("/conn"))
+
+
+async def test_closing_the_client_wakes_waiting_requests(foreign_server) -> None:
+    client = HTTPClient(max_connections_per_origin=1)
+    async with client.stream("GET", foreign_server.url("/bytes?10")) as holding:
+        outcome: list[BaseException] = []
+
+        async def wait_for_a_slot() -> None:
+            try:
+                await client.request("GET", foreign_server.url("/conn"))
+            except RuntimeError as exc:
+                outcome.append(exc)
+
+        with anyio.fail_after(GUARD):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait_for_a_slot)
+                await anyio.wait_all_tasks_blocked()
+                await client.aclose()
+        assert "closed" in str(outcome[0])
+        await holding.read()
+    stats = client.pool_stats()
+    assert (stats.opened, stats.closed) == (1, 1)  # the active one closed on release
+
+
+async def test_parsed_origin_reused_with_other_targets(foreign_server) -> None:
+    base = parse_url(foreign_server.url())
+    async with HTTPClient() as client:
+        first = await client.request("GET", base.with_target("/conn"))
+        second = await client.request("GET", base.with_target(b"/bytes?4"))
+        assert (await first.read(), await second.read()) == (b"1", b"xxxx")
