@@ -477,23 +477,25 @@ def plan_role(
 ) -> RolePlan:
     """Decide what a role's pex holds.
 
-    Plugin packages are the top-level packages of every role's providing module
-    and ``Role.packages``, and every package an ``inferno`` entry point names.
-    A role keeps the core and its own plugin packages and drops all other
-    plugin packages.  Wheels that hold none of these (libraries) are resolved
-    again, pinned to the full pex's versions, so a library only a dropped
-    plugin needed is left out too.
+    A role's packages are the top-level package of the module that offers it
+    and those its ``Role.packages`` names.  A role's pex leaves out the other
+    roles' packages, unless this role needs them too; everything else stays,
+    plugins that offer no role included (health checkers, engines, ...: a role
+    may use any of them).  Wheels holding plugins or the core come from the
+    full pex (rewritten when they hold a left-out package); the others
+    (libraries) are resolved again, pinned to the full pex's versions, so a
+    library only a left-out plugin needed is left out too.
     """
     keep = role.import_packages | {CORE_PACKAGE}
-    plugin_packages: set[str] = set()
+    others: set[str] = set()
     for other in roles.values():
-        plugin_packages |= other.import_packages
-    for wheel in wheels:
-        plugin_packages |= wheel.entry_point_tops
-    drop = frozenset(plugin_packages - keep)
+        if other.name != role.name:
+            others |= other.import_packages
+    drop = frozenset(others - keep)
+    plugin_packages = others | keep
     copied, rewritten, dropped = set(), set(), set()
     for wheel in wheels:
-        if not (wheel.entry_point_tops or wheel.top_levels & (plugin_packages | {CORE_PACKAGE})):
+        if not (wheel.entry_point_tops or wheel.top_levels & plugin_packages):
             continue  # a library
         if not (wheel.top_levels | wheel.entry_point_tops) & drop:
             copied.add(wheel.name)

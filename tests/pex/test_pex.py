@@ -209,8 +209,11 @@ def test_role_pex_holds_only_its_role(plugin_build: Build, build_interpreter: In
     assert "hello" in commands_in_help(help_text)
     assert not {"left", "right"} & commands_in_help(help_text)
     packages = import_packages(hello)
-    assert {"inferno", "inferno_hello", "anyio"} <= packages
+    # A plugin offering no role stays: its distribution is rewritten without the roles.
+    assert {"inferno", "inferno_hello", "inferno_pairtools", "anyio"} <= packages
     assert not {"inferno_left", "inferno_right", "inferno_pairlib"} & packages
+    listing = ok(run_pex(hello, "plugins", python=python, env=env))
+    assert "pairtools  inferno-pair-plugin 0.1.0+hello" in listing
 
 
 def test_role_pex_rewrites_a_distribution_shared_by_two_roles(
@@ -224,11 +227,12 @@ def test_role_pex_rewrites_a_distribution_shared_by_two_roles(
     assert "left" in commands_in_help(help_text)
     assert not {"hello", "right"} & commands_in_help(help_text)
     listing = ok(run_pex(left, "plugins", python=python, env=env))
-    assert "inferno-pair-plugin 0.1.0+left" in listing
+    assert "left  inferno-pair-plugin 0.1.0+left" in listing
+    assert "pairtools  inferno-pair-plugin 0.1.0+left" in listing
     assert "right" not in listing
     packages = import_packages(left)
     # Role.packages of left names inferno_pairlib: it stays with inferno_left.
-    assert {"inferno", "inferno_left", "inferno_pairlib"} <= packages
+    assert {"inferno", "inferno_left", "inferno_pairlib", "inferno_pairtools"} <= packages
     assert not {"inferno_right", "inferno_hello"} & packages
 
 
