@@ -30,8 +30,8 @@ defaults; docs/packaging.md is the user-facing account.
 
 ``--with`` bakes extra distributions in (a requirement, or a local project
 directory / wheel / sdist), resolved together with Inferno.  ``--roles`` also
-writes ``dist/inferno-<role>.pex`` per role: the core plus only the plugin
-packages that role needs (see :func:`plan_role`).
+writes ``dist/inferno-<role>.pex`` per role: without the other roles' packages
+(see :func:`plan_role`).
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         "--roles",
         default="",
         metavar="ROLE[,ROLE...]",
-        help="also write dist/inferno-<role>.pex for each role: the core plus that role's plugins",
+        help="also write dist/inferno-<role>.pex for each role, without the other roles' packages",
     )
     parser.add_argument(
         "--out",
