@@ -54,7 +54,9 @@ class ServerLimits:
     header_timeout: float = 10.0  # seconds for a request head to arrive once begun: 408, close
     keepalive_timeout: float = 60.0  # seconds an idle keep-alive connection waits: close
     max_connections: int = 4096  # connections served at once; the next gets 503, close
-    body_timeout: float = 60.0  # longest silence (seconds) while a body is read: 408
+    # longest stall (seconds) reading a request body (408), or waiting for a
+    # client to read our response (the connection is dropped)
+    body_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("max_header_bytes", "max_body_bytes", "max_connections"):

@@ -12,8 +12,9 @@ close.  Two implementations:
   send; on the request path that costs 15–25 % per request and 55–65 % per
   streamed chunk (measured for issue 2).  Cancellation still comes from anyio
   cancel scopes: on asyncio they cancel the task, which cancels the future a
-  receive or drain is waiting on.  Deadlines are one ``loop.call_at`` armed only
-  when a receive actually has to wait, cheaper than a cancel scope per phase.
+  receive or drain is waiting on.  Deadlines cost one lazy timer per connection
+  (a wait records its deadline; the timer re-arms itself when it fires early),
+  cheaper than a cancel scope, or a timer, per wait.
 * :class:`StreamWire`, over any anyio byte stream: TLS (anyio's ``TLSStream``,
   itself layered on an ``AsyncioWire`` through :class:`WireByteStream`), other
   event loops, and the WebSocket client.
@@ -68,7 +69,8 @@ class Wire(Protocol):
     async def send_all(self, data: bytes) -> None:
         """Queue ``data`` for sending, waiting only while the peer is slow.
 
-        :raises anyio.BrokenResourceError: when the connection is gone.
+        :raises anyio.BrokenResourceError: when the connection is gone, or the
+            peer has not read for ``send_timeout`` seconds.
         """
         ...
 
@@ -87,10 +89,14 @@ def _wake(waiter: asyncio.Future[bool] | None, timed_out: bool = False) -> None:
 
 
 class AsyncioWire(asyncio.Protocol):
-    """A TCP connection on asyncio, read eagerly into a buffer (see the module docstring)."""
+    """A TCP connection on asyncio, read eagerly into a buffer (see the module docstring).
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    ``send_timeout`` bounds how long a send waits for a peer that stopped reading.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, send_timeout: float | None = None) -> None:
         self._loop = loop
+        self.send_timeout = send_timeout
         self._transport: asyncio.Transport | None = None
         self._chunks: list[bytes] = []
         self._buffered = 0
@@ -102,12 +108,18 @@ class AsyncioWire(asyncio.Protocol):
         self._write_paused = False
         self._read_waiter: asyncio.Future[bool] | None = None
         self._drain_waiter: asyncio.Future[bool] | None = None
+        # One lazy timer per connection: a wait only records its deadline; the
+        # timer re-arms itself when it fires early, so a keep-alive connection
+        # costs about one timer event per timeout period, not one per request.
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     @classmethod
-    async def from_socket(cls, sock: object) -> AsyncioWire:
+    async def from_socket(cls, sock: object, send_timeout: float | None = None) -> AsyncioWire:
         """Wrap an accepted, connected socket (TCP_NODELAY already set by the caller)."""
         loop = asyncio.get_running_loop()
-        wire = cls(loop)
+        wire = cls(loop, send_timeout)
         await loop.connect_accepted_socket(lambda: wire, sock)  # type: ignore[arg-type]
         return wire
 
@@ -132,6 +144,9 @@ class AsyncioWire(asyncio.Protocol):
         return True  # keep the transport open: we may still answer a half-closed peer
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._lost = True
         self._eof = True
         self._error = exc
@@ -157,13 +172,15 @@ class AsyncioWire(asyncio.Protocol):
                 return self._at_end()
             waiter = self._loop.create_future()
             self._read_waiter = waiter
-            timer = None if deadline is None else self._loop.call_at(deadline, _wake, waiter, True)
+            if deadline is not None:
+                self._deadline = deadline
+                if self._timer is None or self._timer_at > deadline:
+                    self._arm(deadline)
             try:
                 timed_out = await waiter
             finally:
                 self._read_waiter = None
-                if timer is not None:
-                    timer.cancel()
+                self._deadline = None
             if not chunks:
                 if timed_out:
                     raise TimeoutError
@@ -176,6 +193,22 @@ class AsyncioWire(asyncio.Protocol):
             assert self._transport is not None
             self._transport.resume_reading()
         return data
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._on_timer)
+        self._timer_at = when
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None or self._read_waiter is None:
+            return  # nobody waits now; the next wait arms the timer again
+        if self._loop.time() >= deadline:
+            _wake(self._read_waiter, True)
+        else:
+            self._arm(deadline)
 
     def _at_end(self) -> bytes:
         if self._closed:
@@ -190,15 +223,23 @@ class AsyncioWire(asyncio.Protocol):
         if self._lost or self._closed or transport.is_closing():
             raise anyio.ClosedResourceError if self._closed else anyio.BrokenResourceError
         transport.write(data)
-        if self._write_paused:
+        if self._write_paused:  # rare: the peer reads slower than we write
             waiter = self._loop.create_future()
             self._drain_waiter = waiter
+            timer = None
+            if self.send_timeout is not None:
+                timer = self._loop.call_later(self.send_timeout, _wake, waiter, True)
             try:
-                await waiter
+                timed_out = await waiter
             finally:
                 self._drain_waiter = None
+                if timer is not None:
+                    timer.cancel()
             if self._lost:
                 raise anyio.BrokenResourceError from self._error
+            if timed_out:
+                self.abort()
+                raise anyio.BrokenResourceError("the peer stopped reading")
 
     async def send_eof(self) -> None:
         transport = self._transport
@@ -265,15 +306,17 @@ class StreamWire:
     one (TLS before 1.3 has no half-close; the TCP stream below it has).
     """
 
-    __slots__ = ("eof_stream", "stream")
+    __slots__ = ("eof_stream", "send_timeout", "stream")
 
     def __init__(
         self,
         stream: anyio.abc.ByteStream,
         eof_stream: anyio.abc.ByteStream | None = None,
+        send_timeout: float | None = None,
     ) -> None:
         self.stream = stream
         self.eof_stream = eof_stream
+        self.send_timeout = send_timeout
 
     def time(self) -> float:
         return anyio.current_time()
@@ -289,7 +332,14 @@ class StreamWire:
             return b""
 
     async def send_all(self, data: bytes) -> None:
-        await self.stream.send(data)
+        if self.send_timeout is None:
+            await self.stream.send(data)
+            return
+        with anyio.move_on_after(self.send_timeout) as scope:
+            await self.stream.send(data)
+        if scope.cancelled_caught:
+            await self.aclose()
+            raise anyio.BrokenResourceError("the peer stopped reading")
 
     async def send_eof(self) -> None:
         target = self.eof_stream or self.stream

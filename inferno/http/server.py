@@ -222,10 +222,11 @@ class _Server:
 
     async def _open(self, accepted: socket.socket | anyio.abc.SocketStream) -> Wire | None:
         """The connection's transport, TLS completed; ``None`` when TLS failed."""
+        send_timeout = self.limits.body_timeout
         if isinstance(accepted, socket.socket):
-            raw: Wire = await AsyncioWire.from_socket(accepted)
+            raw: Wire = await AsyncioWire.from_socket(accepted, send_timeout)
         else:
-            raw = StreamWire(accepted)
+            raw = StreamWire(accepted, send_timeout=send_timeout)
         if self.ssl_context is None:
             return raw
         below = WireByteStream(raw) if isinstance(raw, AsyncioWire) else accepted
@@ -238,7 +239,7 @@ class _Server:
             except (ssl.SSLError, OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
                 logger.debug("%s: TLS handshake failed: %s", self.name, exc)
             else:
-                return StreamWire(tls, eof_stream=below)
+                return StreamWire(tls, eof_stream=below, send_timeout=send_timeout)
         await raw.aclose()
         return None
 

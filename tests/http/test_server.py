@@ -504,6 +504,31 @@ async def test_slow_body_is_a_408(wire_mode: str) -> None:
     assert assert_json_error(parse_response(data), 408)["code"] == "request_timeout"
 
 
+async def test_client_that_stops_reading_is_dropped(wire_mode: str) -> None:
+    body_closed = anyio.Event()
+
+    async def handler(request: Request) -> Response:
+        if request.path == "/":
+            return Response(200)
+
+        async def endless() -> AsyncIterator[bytes]:
+            try:
+                while True:
+                    yield b"z" * 65536
+                    await anyio.lowlevel.checkpoint()
+            finally:
+                body_closed.set()
+
+        return Response(200, body=endless())
+
+    async with running_server(handler, limits=ServerLimits(body_timeout=0.3)) as info:
+        async with await anyio.connect_tcp("127.0.0.1", info.port) as stream:
+            await stream.send(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
+            with anyio.fail_after(IO_TIMEOUT):
+                await body_closed.wait()  # never read: the server gave up on us
+        await good_request(info.port)
+
+
 async def test_idle_keep_alive_connection_is_closed_silently(wire_mode: str) -> None:
     async with running_server(echo, limits=ServerLimits(keepalive_timeout=0.2)) as info:
         async with await anyio.connect_tcp("127.0.0.1", info.port) as stream:
