@@ -176,7 +176,9 @@ class Pool:
         """Add (or update) a static backend from ``--backends``; its id is its address.
 
         Static nodes are never removed by failures or deregistration; they
-        start ``UNKNOWN`` and join on their first passing check.
+        start ``UNKNOWN`` and join on their first passing check.  Adding an
+        address that is already a registered node's id makes that node
+        static, keeping its registration's details.
 
         :raises inferno.errors.ValidationError: on a bad address or weight.
         """
@@ -196,9 +198,12 @@ class Pool:
         existing = self._nodes.get(info.id)
         if existing is None:
             return self._add(info, NodeSource.STATIC, now)
+        if existing.source is NodeSource.STATIC:  # a reload: new models or weight
+            return self.register(info, now)
+        # It registered first: keep what it told us, but never forget it from now on.
         existing.source = NodeSource.STATIC
         existing.health.removable = False
-        return self.register(info, now)
+        return (NodeChange(info.id, ChangeKind.UPDATED, "registered", "static", now),)
 
     def deregister(self, node_id: str, now: float) -> tuple[NodeChange, ...]:
         """A node said goodbye (``POST /deregister``): no new requests from now on.

@@ -147,6 +147,20 @@ def test_static_backends_start_unchecked_and_join_on_their_first_pass() -> None:
     assert node.joined_at == 2.0
 
 
+def test_a_static_address_that_registered_first_becomes_static() -> None:
+    pool = Pool()
+    pool.register(registration("127.0.0.1:8000", address="127.0.0.1:8000", models=["m"]), 0.0)
+    changes = pool.add_static("127.0.0.1:8000", 1.0, weight=3.0)
+    assert kinds(changes) == [("updated", "registered", "static")]
+    node = pool.get("127.0.0.1:8000")
+    assert node is not None
+    assert (node.source, node.models, node.info.metrics_port) == (NodeSource.STATIC, ("m",), 9000)
+    fail_checks(pool, node.id, 20)
+    assert node.id in pool
+    pool.add_static("127.0.0.1:8000", 2.0, weight=3.0)  # a reload: now its weight
+    assert node.weight == 3.0
+
+
 def test_a_bad_static_address_names_the_setting() -> None:
     with pytest.raises(ValidationError, match="backends"):
         Pool().add_static("no-port", 0.0)
@@ -521,6 +535,11 @@ def test_a_stall_ends_when_its_requests_end() -> None:
 def test_idle_nodes_never_stall_and_stall_detection_can_be_off() -> None:
     pool = pool_of("a", stall_timeout=30.0)
     assert pool.tick(1000.0) == ()
+    node = pool.get("a")
+    assert node is not None
+    pool.start(node, 1000.0)  # silent since 0, but it was idle: the clock starts now
+    assert pool.tick(1029.0) == ()
+    assert pool.tick(1030.0)[0].kind is ChangeKind.STALL
     quiet = pool_of("a", stall_timeout=0.0)
     node = quiet.get("a")
     assert node is not None
