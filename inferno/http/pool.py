@@ -56,13 +56,16 @@ class Origin(NamedTuple):
         return f"{self.scheme}://{host}:{self.port}"
 
 
-class EntryState(enum.Enum):
-    """Where one pool slot is in its life."""
+class EntryState(enum.IntEnum):
+    """Where one pool slot is in its life.
 
-    CONNECTING = "connecting"  # reserved; the request holding it is opening the connection
-    ACTIVE = "active"  # serving exactly one request
-    IDLE = "idle"  # kept alive between requests
-    CLOSED = "closed"  # out of the pool; its connection is closed by the caller
+    An ``IntEnum`` so that the transition check, twice per request, hashes in C.
+    """
+
+    CONNECTING = 1  # reserved; the request holding it is opening the connection
+    ACTIVE = 2  # serving exactly one request
+    IDLE = 3  # kept alive between requests
+    CLOSED = 4  # out of the pool; its connection is closed by the caller
 
 
 TRANSITIONS: dict[EntryState, frozenset[EntryState]] = {
@@ -85,7 +88,7 @@ class Entry(Generic[C]):
         self.idle_since = 0.0  # event-loop seconds; meaningful only while IDLE
 
     def __repr__(self) -> str:
-        return f"<Entry {self.origin} {self.state.value}>"
+        return f"<Entry {self.origin} {self.state.name.lower()}>"
 
 
 class Waiter(Generic[C]):
@@ -347,5 +350,7 @@ class PoolScheduler(Generic[C]):
 def _move(entry: Entry[C], new: EntryState) -> None:
     """The one mutator of entry states; an illegal move is a bug in the caller."""
     if new not in TRANSITIONS[entry.state]:
-        raise RuntimeError(f"illegal pool entry transition {entry.state.value} -> {new.value}")
+        raise RuntimeError(
+            f"illegal pool entry transition {entry.state.name.lower()} -> {new.name.lower()}"
+        )
     entry.state = new
