@@ -126,4 +126,7 @@ class ConfigError(InfernoError):
 
 
 class PluginError(InfernoError):
-    """Raised when a plugin misbehaves in a way the caller must hear about (a duplicate name, say)."""
+    """Raised when a plugin misbehaves in a way the caller must hear about.
+
+    For example two plugins offering the same engine name.
+    """
