@@ -17,6 +17,7 @@ from inferno_backend.profiles import load_profile
 from inferno_backend.role import BackendInfo, serve_backend
 from inferno_backend.settings import BackendSettings
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from inferno.http.client import HTTPClient
 from inferno.metrics import Registry
@@ -26,7 +27,9 @@ pytestmark = pytest.mark.anyio
 WAIT = 10.0
 POLL = 0.005  # seconds between two looks at a condition in wait_until
 MODEL = "sim-tiny"
-HELLO = [{"role": "user", "content": "Count to a thousand, slowly."}]
+HELLO: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Count to a thousand, slowly."}
+]
 
 
 async def wait_until(condition: Callable[[], bool]) -> None:

@@ -24,6 +24,7 @@ from inferno_backend.profiles import load_profile
 from inferno_backend.role import BackendInfo, serve_backend
 from inferno_backend.settings import BackendSettings
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from inferno.http import connect_websocket
 from inferno.http.client import HTTPClient
@@ -36,7 +37,9 @@ WAIT = 10.0
 #: Sim speed factor: cpu-tiny steps take 2 ms of simulated time, 40 µs at this speed.
 FAST = 50.0
 MODEL = "sim-tiny"  # the cpu-tiny profile's model
-HELLO = [{"role": "user", "content": "Say hello to the simulator."}]
+HELLO: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Say hello to the simulator."}
+]
 
 
 def no_nvml() -> Any:
@@ -286,7 +289,7 @@ async def test_bad_fields_are_400_naming_the_field() -> None:
             assert caught.value.param == param, fields
             assert param in caught.value.message
         with pytest.raises(openai.BadRequestError) as caught:
-            await client.completions.create(model=MODEL, prompt=None)  # type: ignore[arg-type]
+            await client.completions.create(model=MODEL, prompt=None)
         assert caught.value.param == "prompt"
 
 
@@ -300,7 +303,7 @@ async def test_unknown_model_is_404_model_not_found() -> None:
 
 async def test_body_over_the_limit_is_413() -> None:
     async with backend(max_body_size=4096) as node, node.client() as client:
-        long = [{"role": "user", "content": "word " * 2000}]
+        long: list[ChatCompletionMessageParam] = [{"role": "user", "content": "word " * 2000}]
         with pytest.raises(openai.APIStatusError) as caught:
             await client.chat.completions.create(model=MODEL, messages=long)
         assert caught.value.status_code == 413

@@ -24,6 +24,7 @@ from inferno_backend.settings import BackendSettings
 from inferno_backend.system import SystemSample
 from inferno_backend.vitals import node_vitals
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from inferno import __version__
 from inferno.http.client import HTTPClient
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.anyio
 
 WAIT = 10.0
 MODEL = "sim-tiny"
-HELLO = [{"role": "user", "content": "How are you?"}]
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "How are you?"}]
 GiB = 1024**3
 
 

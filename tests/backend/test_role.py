@@ -1,0 +1,386 @@
+"""The ``backend`` role: drain in process, a real process under SIGTERM, the command line.
+
+In process, a step clock holds the sim's generations where the test wants
+them, so "in flight when the drain starts" is certain; the process test sends
+a real SIGTERM to ``python -m inferno backend`` under load.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import openai
+import pytest
+from anyio.lowlevel import checkpoint
+from inferno_backend.engines.sim import SimEngine
+from inferno_backend.gpu import GPUSampler
+from inferno_backend.profiles import load_profile
+from inferno_backend.role import BackendInfo, serve_backend
+from inferno_backend.settings import BackendSettings
+from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
+
+from inferno.cli import main
+from inferno.config import HostPort
+from inferno.errors import HTTPError
+from inferno.http import Request, Response, WebSocketClosed, connect_websocket, serve
+from inferno.http.client import HTTPClient
+from inferno.metrics import Registry
+from inferno.plugins import get_plugin_manager
+
+WAIT = 20.0
+MODEL = "sim-tiny"
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Write a long story."}]
+LISTENING = re.compile(r"backend listening on ([\d.]+):(\d+) \(ops ([\d.]+):(\d+)\)")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def no_nvml() -> Any:
+    raise ImportError("no nvidia-ml-py in this test")
+
+
+class StepClock:
+    """A sim clock that advances one engine step per permit the test grants."""
+
+    def __init__(self) -> None:
+        self._now = 0.0
+        self._permits = 0
+        self._granted: anyio.Event | None = None
+
+    def now(self) -> float:
+        return self._now
+
+    async def sleep_until(self, deadline: float) -> None:
+        await checkpoint()
+        if deadline <= self._now:
+            return
+        while self._permits == 0:
+            self._granted = anyio.Event()
+            await self._granted.wait()
+        self._permits -= 1
+        self._now = deadline
+
+    def allow(self, steps: int) -> None:
+        self._permits += steps
+        if self._granted is not None:
+            self._granted.set()
+
+
+class LoadBalancer:
+    """Records /register and /deregister bodies, as a proxy's ops port would receive them."""
+
+    def __init__(self) -> None:
+        self.registered: list[dict[str, Any]] = []
+        self.deregistered: list[dict[str, Any]] = []
+        self.authorization: set[str | None] = set()
+        self._changed = anyio.Event()
+
+    async def handle(self, request: Request) -> Response:
+        self.authorization.add(request.headers.get("authorization"))
+        body = await request.json()
+        if request.path == "/register":
+            self.registered.append(body)
+        elif request.path == "/deregister":
+            self.deregistered.append(body)
+        else:
+            raise HTTPError(404, "no such route")
+        self._changed.set()
+        self._changed = anyio.Event()
+        return Response.json({"status": "ok", "peers": []})
+
+    async def until(self, what: str) -> None:
+        with anyio.fail_after(WAIT):
+            while not getattr(self, what):
+                await self._changed.wait()
+
+
+@asynccontextmanager
+async def load_balancer() -> AsyncIterator[tuple[LoadBalancer, HostPort]]:
+    lb = LoadBalancer()
+    async with anyio.create_task_group() as tg:
+        stop = anyio.Event()
+        info = await tg.start(functools.partial(serve, lb.handle, shutdown=stop))
+        try:
+            yield lb, HostPort("127.0.0.1", info.port)
+        finally:
+            stop.set()
+
+
+async def health(http: HTTPClient, info: BackendInfo) -> tuple[int, Any]:
+    response = await http.request("GET", f"{info.ops.url}/health")
+    return response.status, await response.json()
+
+
+def in_engine(engine: SimEngine) -> int:
+    stats = engine.stats()
+    return (stats.running or 0) + (stats.waiting or 0)
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Wait (bounded) for a condition that has no event to wait on."""
+    with anyio.fail_after(WAIT):
+        while True:
+            if condition():
+                return
+            await anyio.sleep(0.002)
+
+
+async def until_vitals(http: HTTPClient, ops_url: str, key: str, value: object) -> None:
+    with anyio.fail_after(WAIT):
+        while True:
+            document = await (await http.request("GET", f"{ops_url}/metrics")).json()
+            if document[key] == value:
+                return
+            await anyio.sleep(0.005)
+
+
+# -- drain, in process --------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_drain_finishes_running_and_queued_refuses_new_and_closes_idle_sockets() -> None:
+    clock = StepClock()
+    engine = SimEngine(load_profile("cpu-tiny"), clock=clock)
+    settings = BackendSettings(max_concurrency=2, max_queue=4, drain_timeout=WAIT)
+    stopping = anyio.Event()
+    finished: dict[int, Any] = {}
+    async with (
+        anyio.create_task_group() as tg,
+        HTTPClient() as http,
+    ):
+        info: BackendInfo = await tg.start(
+            functools.partial(
+                serve_backend,
+                settings,
+                engine,
+                registry=Registry(),
+                stopping=stopping,
+                shutdown_timeout=2 * WAIT,
+                gpu=GPUSampler(load_nvml=no_nvml),
+            )
+        )
+        client = AsyncOpenAI(base_url=f"{info.service.url}/v1", api_key="x", max_retries=0)
+        async with client, anyio.create_task_group() as requests:
+            first_chunk = [anyio.Event() for _ in range(3)]
+
+            async def stream(n: int) -> None:
+                answer = await client.chat.completions.create(
+                    model=MODEL,
+                    messages=HELLO,
+                    max_tokens=20,
+                    stream=True,
+                    extra_body={"ignore_eos": True},
+                )
+                chunks = []
+                async for chunk in answer:
+                    chunks.append(chunk)
+                    first_chunk[n].set()
+                finished[n] = chunks
+
+            with anyio.fail_after(WAIT):
+                for n in range(2):  # two running
+                    requests.start_soon(stream, n)
+                    await eventually(lambda n=n: in_engine(engine) == n + 1)  # type: ignore[misc]
+                    # The first needs its prefill step; the second comes after a decode
+                    # step of the first that was planned before it arrived.
+                    clock.allow(1 if n == 0 else 2)
+                    await first_chunk[n].wait()
+                requests.start_soon(stream, 2)  # one queued
+                await until_vitals(http, info.ops.url, "requests_queued", 1)
+                ws = await connect_websocket(f"ws://127.0.0.1:{info.service.port}/v1/ws")
+
+                stopping.set()
+                with pytest.raises(WebSocketClosed) as closed:
+                    await ws.receive()  # an idle socket is told to go away
+                assert closed.value.code == 1001
+                assert await health(http, info) == (503, {"status": "draining"})
+                with pytest.raises(openai.InternalServerError) as refused:
+                    await client.completions.create(model=MODEL, prompt="late")
+                assert refused.value.status_code == 503
+                assert refused.value.code == "draining"
+                assert refused.value.response.headers["retry-after"] == "1"
+                clock.allow(10_000)
+        assert sorted(finished) == [0, 1, 2]
+        for chunks in finished.values():
+            assert chunks[-1].choices[0].finish_reason == "length"
+    # serve_backend returned by itself: the task group above ended without being cancelled.
+    assert not tg.cancel_scope.cancel_called
+
+
+# -- a real process -----------------------------------------------------------------------------
+
+
+def backend_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNO_")}
+    env["INFERNO_PLUGINS"] = "inferno_backend.plugin"
+    env["INFERNO_LOG_FORMAT"] = "json"
+    return env
+
+
+async def read_lines(
+    stream: anyio.abc.ByteReceiveStream, lines: list[dict[str, Any]], listening: anyio.Event
+) -> None:
+    buffer = b""
+    async for data in stream:
+        buffer += data
+        *complete, buffer = buffer.split(b"\n")
+        for raw in complete:
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                record = {"message": raw.decode(errors="replace")}
+            lines.append(record)
+            if LISTENING.search(str(record.get("message", ""))):
+                listening.set()
+
+
+@pytest.mark.anyio
+async def test_sigterm_under_load_completes_in_flight_deregisters_and_exits_0() -> None:
+    lines: list[dict[str, Any]] = []
+    listening = anyio.Event()
+    async with load_balancer() as (lb, lb_address), HTTPClient() as http:
+        command = [
+            sys.executable,
+            "-m",
+            "inferno",
+            "backend",
+            "--port=0",
+            "--ops-port=0",
+            f"--discovery-lb={lb_address}",
+            "--shared-secret=process-secret",
+            "--sim-speed=1",
+            "--drain-timeout=15s",
+        ]
+        async with await anyio.open_process(command, env=backend_env(), cwd=ROOT) as process:
+            assert process.stderr is not None
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read_lines, process.stderr, lines, listening)
+                try:
+                    with anyio.fail_after(WAIT):
+                        await listening.wait()
+                        (found,) = [
+                            m for r in lines if (m := LISTENING.search(str(r.get("message"))))
+                        ]
+                        service = f"http://127.0.0.1:{found.group(2)}"
+                        ops = f"http://127.0.0.1:{found.group(4)}"
+                        await lb.until("registered")
+                        await sigterm_under_load(process, service, ops, http)
+                        await lb.until("deregistered")
+                        status = await process.wait()
+                finally:
+                    if process.returncode is None:
+                        process.kill()
+                tg.cancel_scope.cancel()
+    log = "\n".join(str(r.get("message")) for r in lines)
+    assert status == 0, log
+    assert lb.registered[0]["address"] == f"127.0.0.1:{found.group(2)}"
+    assert lb.registered[0]["metrics_port"] == int(found.group(4))
+    assert lb.deregistered == [{"id": lb.registered[0]["id"]}]
+    assert lb.authorization == {"Bearer process-secret"}
+    assert "process-secret" not in log
+    assert "draining" in log
+
+
+async def sigterm_under_load(
+    process: anyio.abc.Process, service: str, ops: str, http: HTTPClient
+) -> None:
+    """Four long streams in flight, then SIGTERM: each must complete in full."""
+    results: list[str | None] = []
+    started = [anyio.Event() for _ in range(4)]
+    async with (
+        AsyncOpenAI(base_url=f"{service}/v1", api_key="x", max_retries=0) as client,
+        anyio.create_task_group() as tg,
+    ):
+
+        async def stream(n: int) -> None:
+            answer = await client.completions.create(
+                model=MODEL,
+                prompt=f"story {n}",
+                max_tokens=500,  # about a second at speed 1
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            started[n].set()
+            last = None
+            async for chunk in answer:
+                last = chunk.choices[0].finish_reason
+            results.append(last)
+
+        for n in range(4):
+            tg.start_soon(stream, n)
+        for event in started:
+            await event.wait()
+        process.send_signal(signal.SIGTERM)
+        await until_vitals(http, ops, "ready", False)
+        with pytest.raises(openai.InternalServerError):  # 503 while draining
+            await client.completions.create(model=MODEL, prompt="late")
+    assert results == ["length"] * 4
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def backend_plugin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name in list(os.environ):
+        if name.startswith("INFERNO_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("INFERNO_PLUGINS", "inferno_backend.plugin")
+    monkeypatch.setenv("INFERNO_LOG_FORMAT", "json")
+    get_plugin_manager(refresh=True)
+    yield
+    get_plugin_manager(refresh=True)
+
+
+@pytest.mark.usefixtures("backend_plugin")
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["--engine", "nope"], "backend.engine"),
+        (["--sim-profile", "no-such-profile"], "backend.sim_profile"),
+        (["--sim-faults", "explode=1"], "backend.sim_faults"),
+        (["--engine", "openai"], "backend.engine_url"),
+        (["--engine", "openai", "--engine-url", "ftp://x"], "backend.engine_url"),
+        (["--max-queue", "-1"], "backend.max_queue"),
+    ],
+)
+def test_bad_settings_exit_2_naming_the_key(
+    args: list[str], key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["backend", "--port=0", "--ops-port=0", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"{key} (" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.usefixtures("backend_plugin")
+def test_config_shows_settings_and_hides_the_secret(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "backend", "--shared-secret", "hush", "--max-queue", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "max_queue = 7  # from flag --max-queue" in out
+    assert "hush" not in out
+    assert "[backend]" in out
+
+
+@pytest.mark.usefixtures("backend_plugin")
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["doctor", "--window", "0.05s", "--samples", "1", "--no-matmul"],
+        ["backend", "--gpu-report"],
+    ],
+)
+def test_gpu_report_commands(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args) == 0
+    assert "Inferno GPU report" in capsys.readouterr().out
