@@ -395,22 +395,23 @@ class ServerConnection:
         await wire.send_all(head)
         iterator = cast(AsyncIterable[bytes], body).__aiter__()
         finished = False
+        Data = h11.Data  # the per-chunk loop is the SSE hot path
+        send = conn.send
+        send_all = wire.send_all
         try:
-            while True:
-                try:
-                    chunk = await iterator.__anext__()
-                except StopAsyncIteration:
-                    finished = True
-                    break
-                except Exception:
-                    logger.exception("response body of status %d failed mid-stream", status)
-                    return False  # the client sees the body cut short
+            async for chunk in iterator:
                 if chunk:
-                    await wire.send_all(conn.send(h11.Data(data=chunk)))
-            tail = conn.send(h11.EndOfMessage())
+                    await send_all(send(Data(data=chunk)))
+            finished = True
+            tail = send(h11.EndOfMessage())
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            raise  # the client went away: the connection ends quietly
         except h11.LocalProtocolError as exc:
             logger.error("response body does not match its headers (%s): %s", response, exc)
             return False
+        except Exception:
+            logger.exception("response body of status %d failed mid-stream", status)
+            return False  # the client sees the body cut short
         finally:
             if not finished:
                 aclose = getattr(iterator, "aclose", None)
