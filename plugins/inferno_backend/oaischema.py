@@ -303,7 +303,10 @@ def parse_request(kind: Kind, body: object, request_id: str) -> ParsedRequest:
             raise _wrong_type("stream_options", "an object", options)
         if not stream:
             raise _invalid("stream_options", "is only allowed when stream is true")
-        include_usage = bool(_boolean(options, "include_usage"))
+        flag = options.get("include_usage")
+        if flag is not None and not isinstance(flag, bool):
+            raise _wrong_type("stream_options.include_usage", "true or false", flag)
+        include_usage = bool(flag)
     _check_extras(kind, body)
     generation = GenerationRequest(
         request_id=request_id,

@@ -1,7 +1,9 @@
-"""The backend's OpenAI API through the official ``openai`` client, on the sim engine.
+"""The inference API below the client: request validation, chunk JSON, raw HTTP, SSE, WebSocket.
 
-A backend runs in process (``serve_backend`` on 127.0.0.1, port 0) over a real
-:class:`SimEngine`; every request goes over a loopback socket.
+Pure parts (:mod:`inferno_backend.oaischema`) are checked on values; the
+wire is checked with our HTTP client and WebSocket against a backend started
+in process on the sim engine, looking at the bytes a non-``openai`` client
+would see.
 """
 
 from __future__ import annotations
@@ -10,308 +12,203 @@ import functools
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import openai
 import pytest
-from anyio.lowlevel import checkpoint
-from inferno_backend.engines.base import Engine, EngineError, GenerationRequest, TokenChunk
-from inferno_backend.engines.sim import SimEngine, SimFaults
+from inferno_backend.engines.sim import SimEngine
 from inferno_backend.gpu import GPUSampler
+from inferno_backend.oaischema import (
+    MAX_STOP_SEQUENCES,
+    ChunkEncoder,
+    OpenAIError,
+    parse_request,
+    whole_response,
+)
 from inferno_backend.profiles import load_profile
 from inferno_backend.role import BackendInfo, serve_backend
 from inferno_backend.settings import BackendSettings
-from openai import AsyncOpenAI
-from openai.types.chat import ChatCompletionMessageParam
 
-from inferno.http import connect_websocket
+from inferno.http import WebSocket, connect_websocket
 from inferno.http.client import HTTPClient
 from inferno.metrics import Registry
 
-pytestmark = pytest.mark.anyio
-
-#: Bound on every wait: a hang fails the test instead of the run.
 WAIT = 10.0
-#: Sim speed factor: cpu-tiny steps take 2 ms of simulated time, 40 µs at this speed.
-FAST = 50.0
-MODEL = "sim-tiny"  # the cpu-tiny profile's model
-HELLO: list[ChatCompletionMessageParam] = [
-    {"role": "user", "content": "Say hello to the simulator."}
-]
+MODEL = "sim-tiny"
+USER = {"role": "user", "content": "Hello there."}
+
+
+# -- validation (pure) ---------------------------------------------------------------------------
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [USER], **fields}
+
+
+def test_a_chat_request_becomes_a_generation_request() -> None:
+    parsed = parse_request(
+        "chat",
+        chat(
+            max_tokens=50,
+            max_completion_tokens=20,
+            stop="\n",
+            temperature=0.5,
+            seed=11,
+            stream=True,
+            stream_options={"include_usage": True},
+            top_p=0.9,
+            ignore_eos=True,
+        ),
+        "req-1",
+    )
+    generation = parsed.generation
+    assert (parsed.kind, parsed.stream, parsed.include_usage) == ("chat", True, True)
+    assert (generation.request_id, generation.model, generation.kind) == ("req-1", MODEL, "chat")
+    assert generation.messages == (USER,)
+    assert generation.max_tokens == 20  # max_completion_tokens wins over max_tokens
+    assert generation.stop == ("\n",)
+    assert (generation.temperature, generation.seed) == (0.5, 11)
+    assert generation.extra == {"top_p": 0.9, "ignore_eos": True}  # passed through untouched
+
+
+def test_a_completion_request_takes_one_prompt() -> None:
+    parsed = parse_request("completion", {"model": MODEL, "prompt": ["only one"]}, "r")
+    assert parsed.generation.prompt == "only one"
+    assert parsed.generation.max_tokens is None
+    assert (parsed.stream, parsed.include_usage) == (False, False)
+    assert parse_request("completion", {"model": MODEL, "prompt": ""}, "r").generation.prompt == ""
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "param"),
+    [
+        ("chat", {"messages": [USER]}, "model"),
+        ("chat", {"model": 3, "messages": [USER]}, "model"),
+        ("chat", {"model": ""}, "model"),
+        ("chat", {"model": MODEL}, "messages"),
+        ("chat", {"model": MODEL, "messages": "hi"}, "messages"),
+        ("chat", chat(messages=["hi"]), "messages[0]"),
+        ("chat", chat(messages=[{"content": "x"}]), "messages[0].role"),
+        ("chat", chat(messages=[USER, {"role": "user", "content": 5}]), "messages[1].content"),
+        ("chat", chat(messages=[{"role": "user", "content": [{"type": "text"}]}]), None),
+        ("chat", chat(max_tokens=True), "max_tokens"),
+        ("chat", chat(max_completion_tokens=0), "max_completion_tokens"),
+        ("chat", chat(n=3), "n"),
+        ("chat", chat(stream="yes"), "stream"),
+        ("chat", chat(stream=True, stream_options=[]), "stream_options"),
+        (
+            "chat",
+            chat(stream=True, stream_options={"include_usage": 1}),
+            "stream_options.include_usage",
+        ),
+        ("chat", chat(stop=["a"] * (MAX_STOP_SEQUENCES + 1)), "stop"),
+        ("chat", chat(stop=7), "stop"),
+        ("chat", chat(temperature=-1), "temperature"),
+        ("chat", chat(temperature=float("nan")), "temperature"),
+        ("chat", chat(seed=2**70), "seed"),
+        ("chat", chat(top_p="high"), "top_p"),
+        ("chat", chat(tools={}), "tools"),
+        ("completion", {"model": MODEL}, "prompt"),
+        ("completion", {"model": MODEL, "prompt": ["a", "b"]}, "prompt"),
+        ("completion", {"model": MODEL, "prompt": [1, 2, 3]}, "prompt"),
+        ("completion", {"model": MODEL, "prompt": "x", "best_of": 2}, "best_of"),
+        ("completion", {"model": MODEL, "prompt": "x", "echo": "no"}, "echo"),
+    ],
+)
+def test_bad_requests_name_the_field(kind: Any, body: dict[str, Any], param: str | None) -> None:
+    with pytest.raises(OpenAIError) as caught:
+        parse_request(kind, body, "r")
+    error = caught.value
+    assert error.status == 400
+    document = error.body()["error"]
+    assert document["type"] == "invalid_request_error"
+    if param is not None:
+        assert document["param"] == param
+        assert param in document["message"]
+    else:
+        assert document["param"].startswith("messages[0].content[0]")
+
+
+def test_a_body_that_is_not_an_object_is_refused() -> None:
+    with pytest.raises(OpenAIError, match="JSON object"):
+        parse_request("chat", [USER], "r")
+
+
+# -- answers (pure) ------------------------------------------------------------------------------
+
+
+def test_chat_chunks_are_openai_chunk_json() -> None:
+    encoder = ChunkEncoder("chat", "chatcmpl-1", 1700000000, 'odd "model"', include_usage=True)
+    first = json.loads(encoder.chunk("Hel"))
+    middle = json.loads(encoder.chunk('lo "\n'))
+    last = json.loads(encoder.chunk("", "stop"))
+    usage = json.loads(encoder.usage_chunk(5, 3))
+    assert first == {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": 'odd "model"',
+        "choices": [
+            {
+                "index": 0,
+                "delta": {"role": "assistant", "content": "Hel"},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+        ],
+        "usage": None,
+    }
+    assert middle["choices"][0]["delta"] == {"content": 'lo "\n'}
+    assert last["choices"][0]["delta"] == {}
+    assert last["choices"][0]["finish_reason"] == "stop"
+    assert usage["choices"] == []
+    assert usage["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+
+
+def test_completion_chunks_and_whole_answers() -> None:
+    encoder = ChunkEncoder("completion", "cmpl-1", 1, MODEL, include_usage=False)
+    chunk = json.loads(encoder.chunk(" the end", "length"))
+    assert chunk["object"] == "text_completion"
+    assert "usage" not in chunk
+    assert chunk["choices"] == [
+        {"index": 0, "text": " the end", "logprobs": None, "finish_reason": "length"}
+    ]
+    whole = whole_response("chat", "chatcmpl-2", 2, MODEL, "Hi!", "stop", 4, 2)
+    assert whole["object"] == "chat.completion"
+    assert whole["choices"][0]["message"] == {"role": "assistant", "content": "Hi!"}
+    assert whole["usage"]["total_tokens"] == 6
+
+
+# -- on the wire ---------------------------------------------------------------------------------
 
 
 def no_nvml() -> Any:
     raise ImportError("no nvidia-ml-py in this test")
 
 
-class StepClock:
-    """A sim clock that advances one engine step per permit the test grants.
-
-    With no permit left the scheduler waits, so no further token can be
-    generated: whatever the client has received by then was sent before the
-    rest of the generation existed.
-    """
-
-    def __init__(self) -> None:
-        self._now = 0.0
-        self._permits = 0
-        self._granted: anyio.Event | None = None
-        self.steps = 0
-
-    def now(self) -> float:
-        return self._now
-
-    async def sleep_until(self, deadline: float) -> None:
-        await checkpoint()
-        if deadline <= self._now:
-            return
-        while self._permits == 0:
-            self._granted = anyio.Event()
-            await self._granted.wait()
-        self._permits -= 1
-        self.steps += 1
-        self._now = deadline
-
-    def allow(self, steps: int) -> None:
-        self._permits += steps
-        if self._granted is not None:
-            self._granted.set()
-
-
-@dataclass
-class Node:
-    info: BackendInfo
-    registry: Registry
-    stopping: anyio.Event
-
-    @property
-    def base_url(self) -> str:
-        return f"{self.info.service.url}/v1"
-
-    def client(self) -> AsyncOpenAI:
-        return AsyncOpenAI(base_url=self.base_url, api_key="x", max_retries=0, timeout=WAIT)
-
-
 @asynccontextmanager
-async def backend(engine: Engine | None = None, **options: Any) -> AsyncIterator[Node]:
-    """A backend on the sim engine (cpu-tiny, fast) until the block ends."""
-    if engine is None:
-        engine = SimEngine(load_profile("cpu-tiny"), speed=FAST)
-    settings = BackendSettings(**{"drain_timeout": 1.0, **options})
-    registry = Registry()
-    stopping = anyio.Event()
+async def backend(**options: Any) -> AsyncIterator[BackendInfo]:
+    engine = SimEngine(load_profile("cpu-tiny"), speed=50.0)
     async with anyio.create_task_group() as tg:
         start = functools.partial(
             serve_backend,
-            settings,
+            BackendSettings(**options),
             engine,
-            registry=registry,
-            stopping=stopping,
-            shutdown_timeout=WAIT,
+            registry=Registry(),
+            stopping=anyio.Event(),
             gpu=GPUSampler(load_nvml=no_nvml),
         )
         info = await tg.start(start)
         try:
-            yield Node(info, registry, stopping)
+            yield info
         finally:
             tg.cancel_scope.cancel()
 
 
-# -- non-streaming -------------------------------------------------------------------------
-
-
-async def test_models_are_listed_and_retrieved() -> None:
-    async with backend() as node, node.client() as client:
-        models = await client.models.list()
-        assert [m.id for m in models.data] == [MODEL]
-        assert (await client.models.retrieve(MODEL)).id == MODEL
-        with pytest.raises(openai.NotFoundError) as caught:
-            await client.models.retrieve("no-such-model")
-        assert caught.value.code == "model_not_found"
-
-
-async def test_chat_completion_with_usage_and_max_tokens() -> None:
-    async with backend() as node, node.client() as client:
-        answer = await client.chat.completions.create(
-            model=MODEL, messages=HELLO, max_tokens=7, extra_body={"ignore_eos": True}
-        )
-        choice = answer.choices[0]
-        assert answer.object == "chat.completion"
-        assert answer.model == MODEL
-        assert choice.message.role == "assistant"
-        assert choice.message.content
-        assert choice.finish_reason == "length"
-        assert answer.usage is not None
-        assert answer.usage.completion_tokens == 7
-        assert answer.usage.prompt_tokens > 0
-        assert answer.usage.total_tokens == answer.usage.prompt_tokens + 7
-
-
-async def test_max_completion_tokens_wins_for_chat() -> None:
-    async with backend() as node, node.client() as client:
-        answer = await client.chat.completions.create(
-            model=MODEL,
-            messages=HELLO,
-            max_tokens=9,
-            max_completion_tokens=3,
-            extra_body={"ignore_eos": True},
-        )
-        assert answer.usage is not None
-        assert answer.usage.completion_tokens == 3
-
-
-async def test_completion_text_is_deterministic_and_seeded() -> None:
-    async with backend() as node, node.client() as client:
-        first = await client.completions.create(
-            model=MODEL, prompt="Once upon a time", max_tokens=12
-        )
-        again = await client.completions.create(
-            model=MODEL, prompt="Once upon a time", max_tokens=12
-        )
-        other = await client.completions.create(
-            model=MODEL, prompt="Once upon a time", max_tokens=12, seed=7, temperature=0.3
-        )
-        assert first.object == "text_completion"
-        assert first.choices[0].text
-        assert first.choices[0].text == again.choices[0].text
-        assert other.choices[0].text != first.choices[0].text  # the seed reaches the engine
-        assert first.usage is not None
-        assert 0 < first.usage.completion_tokens <= 12
-
-
-async def test_stop_string_cuts_the_text() -> None:
-    async with backend() as node, node.client() as client:
-        full = await client.completions.create(
-            model=MODEL, prompt="Tell a story", max_tokens=30, extra_body={"ignore_eos": True}
-        )
-        text = full.choices[0].text
-        word = text.split()[3]
-        cut = await client.completions.create(
-            model=MODEL,
-            prompt="Tell a story",
-            max_tokens=30,
-            stop=[word, "never-appears"],
-            extra_body={"ignore_eos": True},
-        )
-        assert cut.choices[0].text == text[: text.index(word)]
-        assert cut.choices[0].finish_reason == "stop"
-
-
-# -- streaming -------------------------------------------------------------------------------
-
-
-async def test_chat_stream_matches_the_whole_answer_and_ends_with_usage() -> None:
-    async with backend() as node, node.client() as client:
-        whole = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=20)
-        stream = await client.chat.completions.create(
-            model=MODEL,
-            messages=HELLO,
-            max_tokens=20,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        chunks = [chunk async for chunk in stream]
-        content = [c.choices[0].delta.content or "" for c in chunks if c.choices]
-        assert len(content) > 1
-        assert "".join(content) == whole.choices[0].message.content
-        assert chunks[0].choices[0].delta.role == "assistant"
-        assert {c.id for c in chunks} == {chunks[0].id}
-        finishing = [c.choices[0].finish_reason for c in chunks if c.choices]
-        assert finishing[-1] == whole.choices[0].finish_reason
-        assert all(reason is None for reason in finishing[:-1])
-        assert chunks[-1].choices == []
-        assert chunks[-1].usage is not None
-        assert whole.usage is not None
-        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
-
-
-async def test_completion_stream_without_usage() -> None:
-    async with backend() as node, node.client() as client:
-        whole = await client.completions.create(model=MODEL, prompt="The sea", max_tokens=15)
-        stream = await client.completions.create(
-            model=MODEL, prompt="The sea", max_tokens=15, stream=True
-        )
-        chunks = [chunk async for chunk in stream]
-        assert all(c.usage is None and len(c.choices) == 1 for c in chunks)
-        assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
-        assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
-
-
-async def test_first_chunk_arrives_before_the_rest_is_generated() -> None:
-    clock = StepClock()
-    engine = SimEngine(load_profile("cpu-tiny"), clock=clock)
-    async with backend(engine) as node, node.client() as client:
-        with anyio.fail_after(WAIT):
-            clock.allow(1)  # the prefill step: it produces the first token, and no more
-            stream = await client.chat.completions.create(
-                model=MODEL,
-                messages=HELLO,
-                max_tokens=6,
-                stream=True,
-                extra_body={"ignore_eos": True},
-            )
-            iterator = stream.__aiter__()
-            first = await iterator.__anext__()
-            assert first.choices[0].delta.content
-            assert clock.steps == 1  # tokens 2..6 do not exist yet
-            clock.allow(100)
-            rest = [chunk async for chunk in iterator]
-        assert rest[-1].choices[0].finish_reason == "length"
-        assert clock.steps == 6
-
-
-# -- errors ------------------------------------------------------------------------------------
-
-
-async def test_bad_fields_are_400_naming_the_field() -> None:
-    async with backend() as node, node.client() as client:
-        cases: list[tuple[dict[str, Any], str]] = [
-            ({"max_tokens": "ten"}, "max_tokens"),
-            ({"max_tokens": 0}, "max_tokens"),
-            ({"n": 2}, "n"),
-            ({"temperature": 9}, "temperature"),
-            ({"stop": [1]}, "stop[0]"),
-            ({"stream_options": {"include_usage": True}}, "stream_options"),
-            ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-            ({"messages": [{"role": "user"}]}, "messages[0].content"),
-            ({"messages": []}, "messages"),
-        ]
-        for fields, param in cases:
-            body = {"messages": HELLO, **fields}
-            with pytest.raises(openai.BadRequestError) as caught:
-                await client.chat.completions.create(
-                    model=MODEL,
-                    messages=body.pop("messages"),
-                    extra_body=body,
-                )
-            assert caught.value.param == param, fields
-            assert param in caught.value.message
-        with pytest.raises(openai.BadRequestError) as caught:
-            await client.completions.create(model=MODEL, prompt=None)
-        assert caught.value.param == "prompt"
-
-
-async def test_unknown_model_is_404_model_not_found() -> None:
-    async with backend() as node, node.client() as client:
-        with pytest.raises(openai.NotFoundError) as caught:
-            await client.chat.completions.create(model="gpt-9", messages=HELLO)
-        assert caught.value.code == "model_not_found"
-        assert caught.value.param == "model"
-
-
-async def test_body_over_the_limit_is_413() -> None:
-    async with backend(max_body_size=4096) as node, node.client() as client:
-        long: list[ChatCompletionMessageParam] = [{"role": "user", "content": "word " * 2000}]
-        with pytest.raises(openai.APIStatusError) as caught:
-            await client.chat.completions.create(model=MODEL, messages=long)
-        assert caught.value.status_code == 413
-
-
+@pytest.mark.anyio
 async def test_raw_http_errors() -> None:
-    async with backend() as node, HTTPClient() as http:
-        url = node.info.service.url
+    async with backend() as info, HTTPClient() as http:
+        url = info.service.url
         bad_json = await http.request("POST", f"{url}/v1/completions", body=b"{nope")
         assert bad_json.status == 400
         assert (await bad_json.json())["error"]["code"] == "invalid_json"
@@ -322,124 +219,101 @@ async def test_raw_http_errors() -> None:
         assert wrong_method.headers.get("allow") == "POST"
         unknown = await http.request("GET", f"{url}/v2/whatever")
         assert unknown.status == 404
+        assert (await unknown.json())["error"]["code"] == "not_found"
         health = await http.request("GET", f"{url}/health")
         assert (health.status, (await health.json())["status"]) == (200, "ready")
+        not_upgraded = await http.request("GET", f"{url}/v1/ws")
+        assert not_upgraded.status == 426
 
 
-async def test_engine_failure_keeps_its_status_and_asks_for_a_retry() -> None:
-    engine = SimEngine(
-        load_profile("cpu-tiny"), speed=FAST, faults=SimFaults(failure_rate=1.0, failure_status=503)
-    )
-    async with backend(engine) as node, node.client() as client:
-        with pytest.raises(openai.InternalServerError) as caught:
-            await client.chat.completions.create(model=MODEL, messages=HELLO)
-        assert caught.value.status_code == 503
-        assert caught.value.response.headers["retry-after"] == "1"
-        with pytest.raises(openai.InternalServerError):
-            await client.completions.create(model=MODEL, prompt="x", stream=True)
+@pytest.mark.anyio
+async def test_sse_framing_on_the_wire() -> None:
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "prompt": "frames",
+            "max_tokens": 5,
+            "stream": True,
+            "ignore_eos": True,
+        }
+    ).encode()
+    async with (
+        backend() as info,
+        HTTPClient() as http,
+        http.stream("POST", f"{info.service.url}/v1/completions", body=body) as response,
+    ):
+        assert response.status == 200
+        assert response.headers.get("content-type") == "text/event-stream; charset=utf-8"
+        assert response.headers.get("cache-control") == "no-cache"
+        raw = b"".join([piece async for piece in response.iter_bytes()])
+    events = raw.split(b"\n\n")
+    assert events[-1] == b""
+    assert events[-2] == b"data: [DONE]"
+    chunks = [json.loads(event.removeprefix(b"data: ")) for event in events[:-2]]
+    assert all(event.startswith(b"data: {") for event in events[:-2])
+    assert sum(len(c["choices"][0]["text"].split()) for c in chunks) >= 1
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
-class FailingAfter:
-    """An engine (the plugin interface) that streams ``good`` chunks from the sim, then fails."""
-
-    name = "failing"
-
-    def __init__(self, inner: SimEngine, good: int) -> None:
-        self.inner = inner
-        self.good = good
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-    def models(self) -> list[str]:
-        return self.inner.models()
-
-    def ready(self) -> bool:
-        return self.inner.ready()
-
-    def stats(self) -> Any:
-        return self.inner.stats()
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
-        produced = 0
-        async for chunk in self.inner.generate(request):
-            if produced == self.good:
-                raise EngineError("the engine server went away", status=502)
-            produced += 1
-            yield chunk
+# -- WebSocket -----------------------------------------------------------------------------------
 
 
-async def test_failure_mid_stream_reaches_the_client_as_an_error() -> None:
-    engine = FailingAfter(SimEngine(load_profile("cpu-tiny"), speed=FAST), good=2)
-    async with backend(engine) as node, node.client() as client:
-        stream = await client.chat.completions.create(
-            model=MODEL, messages=HELLO, max_tokens=50, stream=True, extra_body={"ignore_eos": True}
-        )
-        received: list[Any] = []
-
-        async def read_all() -> None:
-            async for chunk in stream:
-                received.append(chunk)
-
-        with pytest.raises(openai.APIError, match="went away"):
-            await read_all()
-        assert len(received) == 2
-
-
-# -- WebSocket ---------------------------------------------------------------------------------
-
-
-async def ws_exchange(ws: Any, request: dict[str, Any]) -> list[dict[str, Any]]:
+async def exchange(ws: WebSocket, request: dict[str, Any] | str) -> list[dict[str, Any]]:
     """Send one request, collect messages up to the terminal one."""
-    await ws.send(json.dumps(request))
+    await ws.send(request if isinstance(request, str) else json.dumps(request))
     messages = []
-    while True:
-        message = json.loads(await ws.receive())
-        messages.append(message)
-        if "done" in message or "error" in message:
-            return messages
+    with anyio.fail_after(WAIT):
+        while True:
+            message = json.loads(await ws.receive())
+            messages.append(message)
+            if "done" in message or "error" in message:
+                return messages
 
 
-async def test_websocket_streams_the_same_chunks() -> None:
-    async with backend() as node, node.client() as client:
-        whole = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=10)
-        url = f"ws://127.0.0.1:{node.info.service.port}/v1/ws"
-        ws = await connect_websocket(url)
+@pytest.mark.anyio
+async def test_websocket_streams_chunks_then_a_terminal_message() -> None:
+    async with backend() as info, HTTPClient() as http:
+        whole_answer = await http.request(
+            "POST",
+            f"{info.service.url}/v1/chat/completions",
+            body=json.dumps({"model": MODEL, "messages": [USER], "max_tokens": 10}).encode(),
+        )
+        whole = await whole_answer.json()
+        ws = await connect_websocket(f"ws://127.0.0.1:{info.service.port}/v1/ws")
         try:
-            with anyio.fail_after(WAIT):
-                chat = await ws_exchange(
-                    ws,
-                    {
-                        "endpoint": "chat/completions",
-                        "model": MODEL,
-                        "messages": HELLO,
-                        "max_tokens": 10,
-                        "stream_options": {"include_usage": True},
-                    },
-                )
-                missing = await ws_exchange(ws, {"model": "nope", "prompt": "x"})
-                completion = await ws_exchange(
-                    ws, {"endpoint": "/v1/completions", "model": MODEL, "prompt": "Hi"}
-                )
-                bad = await ws_exchange(ws, {"endpoint": "images", "model": MODEL})
+            request = {
+                "endpoint": "chat/completions",
+                "model": MODEL,
+                "messages": [USER],
+                "max_tokens": 10,
+                "stream_options": {"include_usage": True},
+            }
+            chat_messages = await exchange(ws, request)
+            missing = await exchange(ws, {"model": "nope", "prompt": "x"})
+            completion = await exchange(
+                ws, {"endpoint": "/v1/completions", "model": MODEL, "prompt": "Hi"}
+            )
+            bad_endpoint = await exchange(ws, {"endpoint": "images", "model": MODEL})
+            not_json = await exchange(ws, "{")
+            inferred = await exchange(ws, {"model": MODEL, "messages": [USER], "max_tokens": 2})
         finally:
             await ws.close()
-        *chunks, usage_chunk, done = chat
-        assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
-        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-        assert text == whole.choices[0].message.content
-        assert usage_chunk["choices"] == []
-        assert done["done"] is True
-        assert done["id"] == chunks[0]["id"]
-        assert done["usage"] == usage_chunk["usage"]
-        assert done["finish_reason"] == whole.choices[0].finish_reason
-        assert missing == [missing[0]]
-        assert missing[0]["status"] == 404
-        assert missing[0]["error"]["code"] == "model_not_found"
-        assert completion[0]["object"] == "text_completion"
-        assert completion[-1]["done"] is True
-        assert bad[0]["status"] == 400
-        assert bad[0]["error"]["param"] == "endpoint"
+    *chunks, usage_chunk, done = chat_messages
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == whole["choices"][0]["message"]["content"]
+    assert usage_chunk["choices"] == []
+    assert done == {
+        "done": True,
+        "id": chunks[0]["id"],
+        "finish_reason": whole["choices"][0]["finish_reason"],
+        "usage": whole["usage"],
+    }
+    assert len(missing) == 1
+    assert (missing[0]["status"], missing[0]["error"]["code"]) == (404, "model_not_found")
+    assert completion[0]["object"] == "text_completion"
+    assert completion[-1]["done"] is True
+    assert (bad_endpoint[0]["status"], bad_endpoint[0]["error"]["param"]) == (400, "endpoint")
+    assert (not_json[0]["status"], not_json[0]["error"]["code"]) == (400, "invalid_json")
+    assert inferred[0]["object"] == "chat.completion.chunk"
+    assert inferred[-1]["usage"]["completion_tokens"] <= 2
