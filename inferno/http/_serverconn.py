@@ -2,38 +2,38 @@
 
 h11 holds the protocol state; this driver adds what h11 leaves to its user:
 deadlines (head, idle keep-alive, body gaps), size limits, ``100 Continue`` on
-the first body read, the checks h11 is lenient about (obs-fold, both
-``Content-Length`` and ``Transfer-Encoding``, oversize chunk extensions), and
-the one place that maps a failure to an error response (:meth:`_fail`), which
-answers only when h11 says a response may still be sent and then closes
-(RFC 9112 §9.6: half-close, bounded drain, close).
+the first body read, oversize chunk extensions, and the one place that turns
+a failure into an error answer (:meth:`_fail`), which answers only when h11
+says a response may still be sent and then closes (RFC 9112 §9.6: half-close,
+bounded drain, close).  The decisions that need no I/O live in
+:mod:`inferno.http._responses`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import logging
-import re
-import time
-from collections.abc import AsyncIterable, Iterable
-from email.utils import formatdate
-from http import HTTPStatus
+from collections.abc import AsyncIterable
 from typing import TYPE_CHECKING, cast
 
 import anyio
 import h11
 
 from inferno.errors import HTTPError
-from inferno.http._messages import (
-    Handler,
-    HeaderPair,
-    Request,
-    Response,
-    ServerLimits,
-    WebSocketAccept,
-    dump_json,
+from inferno.http._messages import Handler, Request, Response, ServerLimits, WebSocketAccept
+from inferno.http._responses import (
+    INTERNAL_ERROR,
+    NO_BODY_STATUSES,
+    REASONS,
+    body_too_large,
+    encode_headers,
+    has_obs_fold,
+    http_date,
+    inspect_head,
+    protocol_error,
+    render_error,
+    upgrade_headers,
+    valid_websocket_key,
 )
 from inferno.http._wire import Wire, close_gracefully
 from inferno.http.headers import Headers
@@ -41,7 +41,7 @@ from inferno.http.headers import Headers
 if TYPE_CHECKING:
     from inferno.http.websocket import WebSocket
 
-__all__ = ["ConnectionContext", "ServerConnection", "has_obs_fold"]
+__all__ = ["ConnectionContext", "ServerConnection"]
 
 logger = logging.getLogger("inferno.http")
 
@@ -51,50 +51,6 @@ CHUNK_FRAMING_BYTES = 24  # framing of one chunk without extensions: 20 hex digi
 # unbounded amount would be read for nothing (Node.js caps extensions at 16 KiB
 # after CVE-2024-22019).  Beyond it: 400.
 MAX_CHUNK_METADATA_BYTES = 16 * 1024
-
-_REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
-_HEAD_END = re.compile(rb"\n\r?\n")
-_NO_BODY_STATUSES = frozenset((204, 304))
-_INTERNAL_ERROR = HTTPError(500, "internal server error", code="internal_error")
-_HEAD_TOO_LARGE = HTTPError(
-    431, "request head exceeds the size limit", code="request_header_fields_too_large"
-)
-
-
-def has_obs_fold(buffered: bytes) -> bool:
-    """Whether the request head at the start of ``buffered`` folds a header line.
-
-    h11 unfolds obs-fold silently, which RFC 9112 §5.2 allows, but a proxy in
-    front of a server that does otherwise is a request-smuggling risk; we take
-    the other option the RFC gives and answer 400.
-    """
-    end = _HEAD_END.search(buffered)
-    head = buffered if end is None else buffered[: end.start()]
-    return b"\n " in head or b"\n\t" in head
-
-
-_date_second = -1
-_date_value = b""
-
-
-def http_date() -> bytes:
-    """The ``Date`` header value (RFC 9110 §6.6.1), formatted once per second."""
-    global _date_second, _date_value
-    now = int(time.time())
-    if now != _date_second:
-        _date_value = formatdate(now, usegmt=True).encode("ascii")
-        _date_second = now
-    return _date_value
-
-
-def _encode(pairs: Iterable[HeaderPair]) -> list[tuple[bytes, bytes]]:
-    return [
-        (
-            name.encode("latin-1") if isinstance(name, str) else name,
-            value.encode("latin-1") if isinstance(value, str) else value,
-        )
-        for name, value in pairs
-    ]
 
 
 class ConnectionContext:
@@ -190,7 +146,7 @@ class ServerConnection:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                await self._fail(_protocol_error(exc))
+                await self._fail(protocol_error(exc))
                 return None
             if event is h11.NEED_DATA:
                 if deadline is None:
@@ -240,39 +196,10 @@ class ServerConnection:
         ctx = self._ctx
         limits = ctx.limits
         conn = self._h11
-        raw = list(event.headers)
-        length: int | None = None
-        chunked = False
-        # h11 bounds only a head still incomplete; one that arrived whole in a
-        # single read is measured here (request line and fields, with separators).
-        head_bytes = len(event.method) + len(event.target) + 14
-        for name, value in raw:
-            head_bytes += len(name) + len(value) + 4
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"transfer-encoding":
-                chunked = True
-        if head_bytes > limits.max_header_bytes:
-            return await self._fail(_HEAD_TOO_LARGE)
-        if event.http_version != b"1.1" and event.http_version != b"1.0":
-            return await self._fail(
-                HTTPError(
-                    505,
-                    f"HTTP/{event.http_version.decode('ascii')} is not supported",
-                    code="http_version_not_supported",
-                )
-            )
-        if chunked and length is not None:
-            # RFC 9112 §6.3: a smuggling attempt more often than not; reject and close.
-            return await self._fail(
-                HTTPError(
-                    400,
-                    "request has both Content-Length and Transfer-Encoding",
-                    code="bad_request",
-                )
-            )
-        if length is not None and length > limits.max_body_bytes:
-            return await self._fail(_body_too_large(limits))
+        try:
+            raw, length, chunked = inspect_head(event, limits)
+        except HTTPError as exc:
+            return await self._fail(exc)
 
         self._cycle += 1
         self._body_error = None
@@ -305,14 +232,14 @@ class ServerConnection:
             response = Response.error(exc)
         except Exception:
             logger.exception("handler failed on %s %s", request.method, request.target)
-            response = Response.error(_INTERNAL_ERROR)
+            response = Response.error(INTERNAL_ERROR)
         finally:
             self._body_allowed = False
         if not isinstance(response, Response):
             logger.error(  # type: ignore[unreachable]  # handlers are not always typed
                 "handler returned %r instead of a Response", response
             )
-            response = Response.error(_INTERNAL_ERROR)
+            response = Response.error(INTERNAL_ERROR)
 
         if isinstance(response, WebSocketAccept):
             await self._upgrade(request, response)
@@ -343,7 +270,7 @@ class ServerConnection:
         wire = self._wire
         status = response.status
         body = response.body
-        headers = _encode(response.headers)
+        headers = encode_headers(response.headers)
         has_framing = has_date = False
         for name, _ in headers:
             lname = name.lower()
@@ -355,18 +282,18 @@ class ServerConnection:
             headers.append((b"date", http_date()))
         if must_close:
             headers.append((b"connection", b"close"))
-        no_body = head_only or status in _NO_BODY_STATUSES
+        no_body = head_only or status in NO_BODY_STATUSES
         is_bytes = isinstance(body, (bytes, bytearray))
-        if is_bytes and not has_framing and status not in _NO_BODY_STATUSES:
+        if is_bytes and not has_framing and status not in NO_BODY_STATUSES:
             headers.append((b"content-length", b"%d" % len(cast(bytes, body))))
         try:
             head = conn.send(
-                h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
+                h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b""))
             )
         except h11.LocalProtocolError as exc:
             logger.error("handler returned an invalid response (%s): %s", response, exc)
             if conn.our_state is h11.SEND_RESPONSE:
-                await self._fail(_INTERNAL_ERROR)
+                await self._fail(INTERNAL_ERROR)
             return False
 
         if is_bytes or no_body:
@@ -452,7 +379,7 @@ class ServerConnection:
                 data = event.data
                 self._body_received += len(data)
                 if self._body_received > limits.max_body_bytes:
-                    raise self._broken(_body_too_large(limits))
+                    raise self._broken(body_too_large(limits))
                 if self._chunked and event.chunk_start:
                     self._chunks += 1
                 return bytes(data)
@@ -510,32 +437,10 @@ class ServerConnection:
         """Answer ``exc`` if h11 still allows a response, then close.  Always false."""
         conn = self._h11
         logger.debug("answering %d to %s: %s", exc.status, self._client, exc.message)
-        if conn.our_state is h11.IDLE or conn.our_state is h11.SEND_RESPONSE:
-            body = dump_json(exc.body())
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"content-length", b"%d" % len(body)),
-                (b"date", http_date()),
-                (b"connection", b"close"),
-                *_encode(exc.headers),
-            ]
-            try:
-                data = (
-                    conn.send(
-                        h11.Response(
-                            status_code=exc.status,
-                            headers=headers,
-                            reason=_REASONS.get(exc.status, b""),
-                        )
-                    )
-                    + conn.send(h11.Data(data=body))
-                    + conn.send(h11.EndOfMessage())
-                )
-            except h11.LocalProtocolError:
-                logger.debug("could not render error %d", exc.status, exc_info=True)
-            else:
-                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    await self._wire.send_all(data)
+        data = render_error(conn, exc)
+        if data is not None:
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await self._wire.send_all(data)
         await close_gracefully(self._wire)
         return False
 
@@ -566,7 +471,7 @@ class ServerConnection:
             )
             return
         key = request.headers.get("sec-websocket-key", "")
-        if not _valid_websocket_key(key):
+        if not valid_websocket_key(key):
             await self._fail(HTTPError(400, "invalid Sec-WebSocket-Key"))
             return
         if conn.their_state is h11.SEND_BODY:
@@ -575,14 +480,9 @@ class ServerConnection:
             except HTTPError as exc:
                 await self._fail(exc)
                 return
-        headers = [
-            (b"upgrade", b"websocket"),
-            (b"connection", b"Upgrade"),
-            (b"sec-websocket-accept", accept_token(key.encode("latin-1"))),
-        ]
-        if accept.subprotocol:
-            headers.append((b"sec-websocket-protocol", accept.subprotocol.encode("latin-1")))
-        headers.extend(_encode(accept.headers))
+        headers = upgrade_headers(
+            accept_token(key.encode("latin-1")), accept.subprotocol, accept.headers
+        )
         try:
             data = conn.send(
                 h11.InformationalResponse(
@@ -591,7 +491,7 @@ class ServerConnection:
             )
         except h11.LocalProtocolError as exc:
             logger.error("could not accept the WebSocket upgrade: %s", exc)
-            await self._fail(_INTERNAL_ERROR)
+            await self._fail(INTERNAL_ERROR)
             return
         await self._wire.send_all(data)
         websocket: WebSocket = WebSocket._accepted(
@@ -601,29 +501,3 @@ class ServerConnection:
             max_message_bytes=accept.max_message_bytes,
         )
         await run_server_session(websocket, accept.session)
-
-
-def _valid_websocket_key(key: str) -> bool:
-    """RFC 6455 §4.2.1: the key is 16 random bytes, base64-encoded."""
-    try:
-        return len(base64.b64decode(key.encode("latin-1"), validate=True)) == 16
-    except (binascii.Error, ValueError):
-        return False
-
-
-def _body_too_large(limits: ServerLimits) -> HTTPError:
-    return HTTPError(
-        413,
-        f"request body exceeds the limit of {limits.max_body_bytes} bytes",
-        code="request_too_large",
-    )
-
-
-def _protocol_error(exc: h11.RemoteProtocolError) -> HTTPError:
-    """Map h11's verdict on a request head to our answer (its status hint: 400, 431, 501)."""
-    status = exc.error_status_hint
-    if status == 431:
-        return _HEAD_TOO_LARGE
-    if status == 501:
-        return HTTPError(501, f"not implemented: {exc}", code="not_implemented")
-    return HTTPError(400, f"malformed request: {exc}", code="bad_request")

@@ -94,6 +94,25 @@ class AsyncioWire(asyncio.Protocol):
     ``send_timeout`` bounds how long a send waits for a peer that stopped reading.
     """
 
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_closed",
+        "_deadline",
+        "_drain_waiter",
+        "_eof",
+        "_error",
+        "_loop",
+        "_lost",
+        "_read_paused",
+        "_read_waiter",
+        "_timer",
+        "_timer_at",
+        "_transport",
+        "_write_paused",
+        "send_timeout",
+    )
+
     def __init__(self, loop: asyncio.AbstractEventLoop, send_timeout: float | None = None) -> None:
         self._loop = loop
         self.send_timeout = send_timeout

@@ -41,7 +41,8 @@ from inferno.http._messages import (
     WebSocketAccept,
     dump_json,
 )
-from inferno.http._serverconn import ConnectionContext, ServerConnection, http_date
+from inferno.http._responses import http_date
+from inferno.http._serverconn import ConnectionContext, ServerConnection
 from inferno.http._wire import AsyncioWire, StreamWire, Wire, WireByteStream, close_gracefully
 
 __all__ = [

@@ -1,0 +1,203 @@
+"""The server's protocol decisions that need no I/O: head checks and error answers.
+
+h11 parses and frames; these functions add what h11 leaves to its user, as
+plain functions over h11 events and bytes so they can be tested without a
+socket:
+
+* :func:`inspect_head`: size limit on a complete head, HTTP version, framing
+  conflicts, announced body size (each breach an :class:`HTTPError`);
+* :func:`has_obs_fold`: the one leniency of h11's parser we refuse;
+* :func:`protocol_error`: the one map from h11's verdicts to our statuses;
+* :func:`render_error`: an error answer, only when h11's state allows one;
+* :func:`upgrade_headers`: the 101 answer to a WebSocket handshake.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import time
+from collections.abc import Iterable
+from email.utils import formatdate
+from http import HTTPStatus
+
+import h11
+
+from inferno.errors import HTTPError
+from inferno.http._messages import HeaderPair, ServerLimits, dump_json
+
+__all__ = [
+    "HEAD_TOO_LARGE",
+    "INTERNAL_ERROR",
+    "NO_BODY_STATUSES",
+    "REASONS",
+    "body_too_large",
+    "encode_headers",
+    "has_obs_fold",
+    "http_date",
+    "inspect_head",
+    "protocol_error",
+    "render_error",
+    "upgrade_headers",
+    "valid_websocket_key",
+]
+
+REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+NO_BODY_STATUSES = frozenset((204, 304))  # never carry content (RFC 9110 §15.3.5, §15.4.5)
+INTERNAL_ERROR = HTTPError(500, "internal server error", code="internal_error")
+HEAD_TOO_LARGE = HTTPError(
+    431, "request head exceeds the size limit", code="request_header_fields_too_large"
+)
+REQUEST_LINE_OVERHEAD = 14  # two spaces, "HTTP/1.1", CRLF around method and target
+FIELD_OVERHEAD = 4  # ": " and CRLF around each field's name and value
+
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+
+def inspect_head(
+    event: h11.Request, limits: ServerLimits
+) -> tuple[list[tuple[bytes, bytes]], int | None, bool]:
+    """The head's fields, its ``Content-Length`` (if any) and whether it is chunked.
+
+    :raises HTTPError: 431 for a head over ``max_header_bytes`` (h11 bounds only
+        a head still incomplete; one that arrived whole in a single read is
+        measured here), 505 for an HTTP version other than 1.0/1.1, 400 for
+        both ``Content-Length`` and ``Transfer-Encoding`` (RFC 9112 §6.3: a
+        smuggling attempt more often than not), 413 for an announced body over
+        ``max_body_bytes`` (answered before reading it).
+    """
+    raw = list(event.headers)
+    length: int | None = None
+    chunked = False
+    size = len(event.method) + len(event.target) + REQUEST_LINE_OVERHEAD
+    for name, value in raw:
+        size += len(name) + len(value) + FIELD_OVERHEAD
+        if name == b"content-length":
+            length = int(value)  # h11 checked: digits, one value
+        elif name == b"transfer-encoding":
+            chunked = True  # h11 checked: "chunked" and nothing else
+    if size > limits.max_header_bytes:
+        raise HEAD_TOO_LARGE
+    version = event.http_version
+    if version != b"1.1" and version != b"1.0":
+        raise HTTPError(
+            505,
+            f"HTTP/{version.decode('ascii')} is not supported",
+            code="http_version_not_supported",
+        )
+    if chunked and length is not None:
+        raise HTTPError(
+            400, "request has both Content-Length and Transfer-Encoding", code="bad_request"
+        )
+    if length is not None and length > limits.max_body_bytes:
+        raise body_too_large(limits)
+    return raw, length, chunked
+
+
+def has_obs_fold(buffered: bytes) -> bool:
+    """Whether the request head at the start of ``buffered`` folds a header line.
+
+    h11 unfolds obs-fold silently, which RFC 9112 §5.2 allows, but a proxy in
+    front of a server that does otherwise is a request-smuggling risk; we take
+    the other option the RFC gives and answer 400.
+    """
+    end = _HEAD_END.search(buffered)
+    head = buffered if end is None else buffered[: end.start()]
+    return b"\n " in head or b"\n\t" in head
+
+
+def body_too_large(limits: ServerLimits) -> HTTPError:
+    return HTTPError(
+        413,
+        f"request body exceeds the limit of {limits.max_body_bytes} bytes",
+        code="request_too_large",
+    )
+
+
+def protocol_error(exc: h11.RemoteProtocolError) -> HTTPError:
+    """Map h11's verdict on a request head to our answer (its status hint: 400, 431, 501)."""
+    status = exc.error_status_hint
+    if status == 431:
+        return HEAD_TOO_LARGE
+    if status == 501:  # a transfer coding other than chunked (RFC 9112 §6.1)
+        return HTTPError(501, f"not implemented: {exc}", code="not_implemented")
+    return HTTPError(400, f"malformed request: {exc}", code="bad_request")
+
+
+_date_second = -1
+_date_value = b""
+
+
+def http_date() -> bytes:
+    """The ``Date`` header value (RFC 9110 §6.6.1), formatted once per second."""
+    global _date_second, _date_value
+    now = int(time.time())
+    if now != _date_second:
+        _date_value = formatdate(now, usegmt=True).encode("ascii")
+        _date_second = now
+    return _date_value
+
+
+def encode_headers(pairs: Iterable[HeaderPair]) -> list[tuple[bytes, bytes]]:
+    """Header pairs as bytes (``str`` is encoded ISO-8859-1; h11 validates them)."""
+    return [
+        (
+            name.encode("latin-1") if isinstance(name, str) else name,
+            value.encode("latin-1") if isinstance(value, str) else value,
+        )
+        for name, value in pairs
+    ]
+
+
+def render_error(conn: h11.Connection, exc: HTTPError) -> bytes | None:
+    """The bytes of the JSON error answer for ``exc``, ending the connection.
+
+    ``None`` when h11's state allows no response any more (one was already
+    started): the caller then just closes (STYLE principle 4).
+    """
+    if conn.our_state is not h11.IDLE and conn.our_state is not h11.SEND_RESPONSE:
+        return None
+    body = dump_json(exc.body())
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+        (b"date", http_date()),
+        (b"connection", b"close"),
+        *encode_headers(exc.headers),
+    ]
+    try:
+        return (
+            conn.send(
+                h11.Response(
+                    status_code=exc.status, headers=headers, reason=REASONS.get(exc.status, b"")
+                )
+            )
+            + conn.send(h11.Data(data=body))
+            + conn.send(h11.EndOfMessage())
+        )
+    except h11.LocalProtocolError:
+        return None
+
+
+def valid_websocket_key(key: str) -> bool:
+    """RFC 6455 §4.2.1: the key is 16 random bytes, base64-encoded."""
+    try:
+        return len(base64.b64decode(key.encode("latin-1"), validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
+
+
+def upgrade_headers(
+    accept_token: bytes, subprotocol: str | None, extra: Iterable[HeaderPair]
+) -> list[tuple[bytes, bytes]]:
+    """The fields of a ``101 Switching Protocols`` accepting a WebSocket (RFC 6455 §4.2.2)."""
+    headers = [
+        (b"upgrade", b"websocket"),
+        (b"connection", b"Upgrade"),
+        (b"sec-websocket-accept", accept_token),
+    ]
+    if subprotocol:
+        headers.append((b"sec-websocket-protocol", subprotocol.encode("latin-1")))
+    headers.extend(encode_headers(extra))
+    return headers
