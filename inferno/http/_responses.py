@@ -28,15 +28,16 @@ from inferno.errors import HTTPError
 from inferno.http._messages import HeaderPair, ServerLimits, dump_json
 
 __all__ = [
-    "HEAD_TOO_LARGE",
-    "INTERNAL_ERROR",
     "NO_BODY_STATUSES",
     "REASONS",
     "body_too_large",
+    "client_gone",
     "encode_headers",
     "has_obs_fold",
+    "head_too_large",
     "http_date",
     "inspect_head",
+    "internal_error",
     "protocol_error",
     "render_error",
     "upgrade_headers",
@@ -45,10 +46,6 @@ __all__ = [
 
 REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 NO_BODY_STATUSES = frozenset((204, 304))  # never carry content (RFC 9110 §15.3.5, §15.4.5)
-INTERNAL_ERROR = HTTPError(500, "internal server error", code="internal_error")
-HEAD_TOO_LARGE = HTTPError(
-    431, "request head exceeds the size limit", code="request_header_fields_too_large"
-)
 REQUEST_LINE_OVERHEAD = 14  # two spaces, "HTTP/1.1", CRLF around method and target
 FIELD_OVERHEAD = 4  # ": " and CRLF around each field's name and value
 
@@ -78,7 +75,7 @@ def inspect_head(
         elif name == b"transfer-encoding":
             chunked = True  # h11 checked: "chunked" and nothing else
     if size > limits.max_header_bytes:
-        raise HEAD_TOO_LARGE
+        raise head_too_large()
     version = event.http_version
     if version != b"1.1" and version != b"1.0":
         raise HTTPError(
@@ -107,6 +104,25 @@ def has_obs_fold(buffered: bytes) -> bool:
     return b"\n " in head or b"\n\t" in head
 
 
+# Errors are built fresh for every use: a shared instance that is raised again
+# and again would grow its __traceback__ and keep old frames alive.
+
+
+def internal_error() -> HTTPError:
+    return HTTPError(500, "internal server error", code="internal_error")
+
+
+def head_too_large() -> HTTPError:
+    return HTTPError(
+        431, "request head exceeds the size limit", code="request_header_fields_too_large"
+    )
+
+
+def client_gone() -> HTTPError:
+    """What a handler reading the body sees when the client vanished (never a 500)."""
+    return HTTPError(400, "client disconnected", code="client_disconnected")
+
+
 def body_too_large(limits: ServerLimits) -> HTTPError:
     return HTTPError(
         413,
@@ -119,7 +135,7 @@ def protocol_error(exc: h11.RemoteProtocolError) -> HTTPError:
     """Map h11's verdict on a request head to our answer (its status hint: 400, 431, 501)."""
     status = exc.error_status_hint
     if status == 431:
-        return HEAD_TOO_LARGE
+        return head_too_large()
     if status == 501:  # a transfer coding other than chunked (RFC 9112 §6.1)
         return HTTPError(501, f"not implemented: {exc}", code="not_implemented")
     return HTTPError(400, f"malformed request: {exc}", code="bad_request")

@@ -22,14 +22,15 @@ import h11
 from inferno.errors import HTTPError
 from inferno.http._messages import Handler, Request, Response, ServerLimits, WebSocketAccept
 from inferno.http._responses import (
-    INTERNAL_ERROR,
     NO_BODY_STATUSES,
     REASONS,
     body_too_large,
+    client_gone,
     encode_headers,
     has_obs_fold,
     http_date,
     inspect_head,
+    internal_error,
     protocol_error,
     render_error,
     upgrade_headers,
@@ -232,14 +233,14 @@ class ServerConnection:
             response = Response.error(exc)
         except Exception:
             logger.exception("handler failed on %s %s", request.method, request.target)
-            response = Response.error(INTERNAL_ERROR)
+            response = Response.error(internal_error())
         finally:
             self._body_allowed = False
         if not isinstance(response, Response):
             logger.error(  # type: ignore[unreachable]  # handlers are not always typed
                 "handler returned %r instead of a Response", response
             )
-            response = Response.error(INTERNAL_ERROR)
+            response = Response.error(internal_error())
 
         if isinstance(response, WebSocketAccept):
             await self._upgrade(request, response)
@@ -293,7 +294,7 @@ class ServerConnection:
         except h11.LocalProtocolError as exc:
             logger.error("handler returned an invalid response (%s): %s", response, exc)
             if conn.our_state is h11.SEND_RESPONSE:
-                await self._fail(INTERNAL_ERROR)
+                await self._fail(internal_error())
             return False
 
         if is_bytes or no_body:
@@ -360,11 +361,11 @@ class ServerConnection:
             return None
         conn = self._h11
         if conn.they_are_waiting_for_100_continue:
-            await self._wire.send_all(
-                conn.send(
-                    h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
-                )
-            )
+            interim = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+            try:
+                await self._wire.send_all(conn.send(interim))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                raise self._broken(client_gone()) from None
         return await self._next_body_piece()
 
     async def _next_body_piece(self) -> bytes | None:
@@ -402,9 +403,7 @@ class ServerConnection:
                     )
                 ) from None
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                raise self._broken(
-                    HTTPError(400, "client disconnected", code="client_disconnected")
-                ) from None
+                raise self._broken(client_gone()) from None
             self._body_fed += len(data)
             self._feed(data)
 
@@ -491,7 +490,7 @@ class ServerConnection:
             )
         except h11.LocalProtocolError as exc:
             logger.error("could not accept the WebSocket upgrade: %s", exc)
-            await self._fail(INTERNAL_ERROR)
+            await self._fail(internal_error())
             return
         await self._wire.send_all(data)
         websocket: WebSocket = WebSocket._accepted(

@@ -190,7 +190,7 @@ class WebSocket:
             was lost: 1006; a message over ``max_message_bytes``: 1009).
         """
         if self._closed is not None:
-            raise self._closed
+            raise WebSocketClosed(self._closed.code, self._closed.reason)
         if self._receiving:
             raise anyio.BusyResourceError("receiving from")
         self._receiving = True
@@ -254,7 +254,7 @@ class WebSocket:
         :raises WebSocketClosed: when the WebSocket is closed or closing.
         """
         if self._closed is not None:
-            raise self._closed
+            raise WebSocketClosed(self._closed.code, self._closed.reason)
         if self._conn.state is not ConnectionState.OPEN:
             raise WebSocketClosed(CLOSE_NORMAL, "closing")
         if isinstance(message, str):
@@ -265,7 +265,7 @@ class WebSocket:
     async def ping(self, payload: bytes = b"") -> None:
         """Send a ping (the answer is consumed by :meth:`receive`)."""
         if self._closed is not None:
-            raise self._closed
+            raise WebSocketClosed(self._closed.code, self._closed.reason)
         await self._send_event(Ping(payload=payload))
 
     async def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
@@ -305,7 +305,8 @@ class WebSocket:
         if self._closed is None:
             self._closed = WebSocketClosed(code, reason)
             self._closed_event.set()
-        return self._closed
+        # A fresh instance per raise: re-raising one would grow its traceback.
+        return WebSocketClosed(self._closed.code, self._closed.reason)
 
     def __aiter__(self) -> AsyncIterator[str | bytes]:
         return self
