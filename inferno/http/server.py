@@ -67,6 +67,15 @@ _TRANSIENT_ACCEPT_ERRORS = frozenset(
 )
 _RESOURCE_ACCEPT_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
+# What a failed TLS handshake raises (the client's fault, logged at debug level)
+_TLS_FAILURES = (
+    ssl.SSLError,
+    OSError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+)
+
 # Use the asyncio fast path (AsyncioWire) when running on asyncio.  Tests turn it
 # off to exercise the portable anyio-stream path on asyncio too.
 USE_ASYNCIO_WIRE = True
@@ -232,15 +241,23 @@ class _Server:
             return raw
         below = WireByteStream(raw) if isinstance(raw, AsyncioWire) else accepted
         assert isinstance(below, anyio.abc.ByteStream)
-        with anyio.move_on_after(self.limits.header_timeout):
-            try:
-                tls = await TLSStream.wrap(
-                    below, server_side=True, ssl_context=self.ssl_context, standard_compatible=False
-                )
-            except (ssl.SSLError, OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
-                logger.debug("%s: TLS handshake failed: %s", self.name, exc)
-            else:
-                return StreamWire(tls, eof_stream=below, send_timeout=send_timeout)
+        try:
+            with anyio.move_on_after(self.limits.header_timeout):
+                try:
+                    tls = await TLSStream.wrap(
+                        below,
+                        server_side=True,
+                        ssl_context=self.ssl_context,
+                        standard_compatible=False,
+                    )
+                except _TLS_FAILURES as exc:
+                    logger.debug("%s: TLS handshake failed: %s", self.name, exc)
+                else:
+                    return StreamWire(tls, eof_stream=below, send_timeout=send_timeout)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await raw.aclose()
+            raise
         await raw.aclose()
         return None
 

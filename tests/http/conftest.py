@@ -10,6 +10,7 @@ import functools
 import http.client
 import io
 import json
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -31,6 +32,14 @@ async def running_server(handler: Handler, **options: Any) -> AsyncIterator[Serv
         info: ServerInfo = await tg.start(functools.partial(serve, handler, **options))
         yield info
         tg.cancel_scope.cancel()
+
+
+@pytest.fixture
+def anyio_backend() -> object:
+    """asyncio, as in production; ``INFERNO_TEST_UVLOOP=1`` runs it on uvloop (extra ``speed``)."""
+    if os.environ.get("INFERNO_TEST_UVLOOP"):
+        return ("asyncio", {"use_uvloop": True})
+    return "asyncio"
 
 
 @pytest.fixture(params=["asyncio-wire", "anyio-streams"])
