@@ -57,7 +57,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Final
 
 import anyio
@@ -197,6 +197,36 @@ class _Generation:
                 return
 
 
+class _Body:
+    """A streamed answer's body: the SSE generator, plus a safety net for its generation.
+
+    The server closes a body it has started iterating; one it never iterates
+    (the response head could not be sent: the client was already gone) is just
+    dropped, and a generator that never started runs no ``finally``.  Then
+    :meth:`__del__` gives the admission slot back (the engine stream frees
+    itself when dropped), so a slot cannot leak.
+    """
+
+    __slots__ = ("_generation", "_iterator")
+
+    def __init__(self, iterator: AsyncGenerator[bytes, None], generation: _Generation) -> None:
+        self._iterator = iterator
+        self._generation = generation
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._iterator.__anext__()
+
+    async def aclose(self) -> None:
+        await self._iterator.aclose()
+        self._generation.lease.release()  # already released by the generator's finally
+
+    def __del__(self) -> None:
+        self._generation.lease.release()
+
+
 class InferenceAPI:
     """The service port's handler (``handle``) over one engine and one admission control.
 
@@ -285,7 +315,7 @@ class InferenceAPI:
             parsed = parse_request(kind, await request.json(), _request_id(request, kind))
             generation = await self._start(parsed, route, started)
             if parsed.stream:
-                return Response(200, _SSE_HEADERS, self._sse(generation))
+                return Response(200, _SSE_HEADERS, _Body(self._sse(generation), generation))
             return await self._whole(generation)
         if path == "/v1/models":
             _allow(request, "GET")
@@ -334,11 +364,13 @@ class InferenceAPI:
                     429, "the node is at capacity; retry later", "queue_full"
                 ) from None
             raise _retry_later(503, "the node is draining for shutdown", _DRAINING) from None
-        stream = self.engine.generate(parsed.generation)
+        stream: AsyncIterator[TokenChunk] | None = None
         try:
+            stream = self.engine.generate(parsed.generation)
             first = await stream.__anext__()
         except BaseException as exc:
-            await _close(stream)
+            if stream is not None:
+                await _close(stream)
             lease.release()
             if isinstance(exc, EngineError):
                 raise engine_failure(exc) from None
@@ -385,7 +417,7 @@ class InferenceAPI:
         )
         return Response.json(document)
 
-    async def _sse(self, generation: _Generation) -> AsyncIterator[bytes]:
+    async def _sse(self, generation: _Generation) -> AsyncGenerator[bytes, None]:
         parsed = generation.parsed
         encoder = ChunkEncoder(
             parsed.kind,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
+import socket
+import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -228,6 +231,43 @@ async def test_queue_429_and_a_disconnect_frees_the_slot() -> None:
         assert after["backoff_requests"] == 1
         assert after["requests_queued"] == 0
         assert after["failed_responses"] == 0
+
+
+async def test_a_client_gone_before_its_answer_starts_does_not_keep_its_slot() -> None:
+    async with (
+        backend(max_concurrency=1, max_queue=1) as info,
+        AsyncOpenAI(base_url=f"{info.service.url}/v1", api_key="x", max_retries=0) as client,
+        HTTPClient() as http,
+    ):
+        with anyio.fail_after(WAIT):
+            long = await client.chat.completions.create(
+                model=MODEL,
+                messages=HELLO,
+                max_tokens=3000,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            await long.__aiter__().__anext__()
+            # B queues, then its client resets the connection before any answer.
+            body = json.dumps(
+                {"model": MODEL, "messages": HELLO, "max_tokens": 2, "stream": True}
+            ).encode()
+            gone = socket.create_connection(("127.0.0.1", info.service.port))
+            gone.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            await _until_vitals(http, info, lambda v: v["requests_queued"] == 1)
+            gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            gone.close()  # RST
+            await long.close()  # B gets the slot and its first token, but cannot answer
+            idle = await _until_vitals(
+                http, info, lambda v: v["requests_in_progress"] + v["requests_queued"] == 0
+            )
+            after = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+        assert after.choices[0].finish_reason is not None
+        assert idle["failed_responses"] == 0
 
 
 async def _until_vitals(
