@@ -89,7 +89,10 @@ class BackendInfo:
 
 
 async def run(ctx: RoleContext) -> None:
-    """``inferno backend``: serve until ``ctx.stopping``, then drain and return."""
+    """``inferno backend``: serve until ``ctx.stopping``, then drain and return.
+
+    Once listening, ``ctx.state["backend"]`` holds the :class:`BackendInfo`.
+    """
     settings = BackendSettings.from_section(ctx.config.section("backend"))
     if settings.gpu_report:
         await _gpu_report()
@@ -108,13 +111,17 @@ async def run(ctx: RoleContext) -> None:
             ]
         )
     engine: Engine = named.factory(ctx)
-    await serve_backend(
-        settings,
-        engine,
-        registry=ctx.metrics,
-        stopping=ctx.stopping,
-        shutdown_timeout=ctx.shutdown_timeout,
-    )
+    async with anyio.create_task_group() as tg:
+        start = functools.partial(
+            serve_backend,
+            settings,
+            engine,
+            registry=ctx.metrics,
+            stopping=ctx.stopping,
+            shutdown_timeout=ctx.shutdown_timeout,
+        )
+        # For lifecycle hooks (and tests): where the node listens, once it does.
+        ctx.state["backend"] = await tg.start(start)
 
 
 async def run_doctor(ctx: RoleContext) -> None:

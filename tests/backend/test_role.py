@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -25,17 +26,19 @@ import pytest
 from anyio.lowlevel import checkpoint
 from inferno_backend.engines.sim import SimEngine
 from inferno_backend.gpu import GPUSampler
+from inferno_backend.plugin import BACKEND_ROLE
 from inferno_backend.profiles import load_profile
-from inferno_backend.role import BackendInfo, serve_backend
+from inferno_backend.role import BackendInfo, run, serve_backend
 from inferno_backend.settings import BackendSettings
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from inferno.cli import main
-from inferno.config import HostPort
+from inferno.config import HostPort, load_config
 from inferno.errors import HTTPError
 from inferno.http import Request, Response, WebSocketClosed, connect_websocket, serve
 from inferno.http.client import HTTPClient
+from inferno.lifecycle import RoleContext, role_sections
 from inferno.metrics import Registry
 from inferno.plugins import get_plugin_manager
 
@@ -218,6 +221,102 @@ async def test_drain_finishes_running_and_queued_refuses_new_and_closes_idle_soc
     assert not tg.cancel_scope.cancel_called
 
 
+# -- the role's run(ctx), in process ----------------------------------------------------------
+
+
+async def run_then_set(ctx: RoleContext, done: anyio.Event) -> None:
+    await run(ctx)
+    done.set()
+
+
+def role_context(flags: dict[str, str]) -> RoleContext:
+    """The context ``inferno backend`` would build, with these ``backend.*`` values as flags."""
+    config = load_config(
+        role_sections(BACKEND_ROLE),
+        role="backend",
+        environ={},
+        flags={f"backend.{key}": value for key, value in flags.items()},
+    )
+    return RoleContext(
+        role=BACKEND_ROLE,
+        config=config,
+        plugins=get_plugin_manager(),
+        stopping=anyio.Event(),
+        shutdown_timeout=WAIT,
+        metrics=Registry(),
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("backend_plugin")
+async def test_the_openai_engine_fronts_another_backend() -> None:
+    sim = SimEngine(load_profile("cpu-tiny"), speed=50.0)
+    upstream_stopping, front_done = anyio.Event(), anyio.Event()
+    async with anyio.create_task_group() as tg, HTTPClient() as http:
+        upstream: BackendInfo = await tg.start(
+            functools.partial(
+                serve_backend,
+                BackendSettings(),
+                sim,
+                registry=Registry(),
+                stopping=upstream_stopping,
+                gpu=GPUSampler(load_nvml=no_nvml),
+            )
+        )
+        ctx = role_context(
+            {"engine": "openai", "engine_url": upstream.service.url, "port": "0", "ops_port": "0"}
+        )
+        tg.start_soon(run_then_set, ctx, front_done)
+        await eventually(lambda: "backend" in ctx.state)
+        front: BackendInfo = ctx.state["backend"]
+        await until_vitals(http, front.ops.url, "ready", True)
+        body = json.dumps({"model": MODEL, "messages": HELLO, "max_tokens": 12}).encode()
+        direct = await (
+            await http.request("POST", f"{upstream.service.url}/v1/chat/completions", body=body)
+        ).json()
+        async with AsyncOpenAI(
+            base_url=f"{front.service.url}/v1", api_key="x", max_retries=0
+        ) as client:
+            models = await client.models.list()
+            fronted = await client.chat.completions.create(
+                model=MODEL, messages=HELLO, max_tokens=12
+            )
+        assert [m.id for m in models.data] == [MODEL]  # discovered from the upstream backend
+        assert fronted.choices[0].message.content == direct["choices"][0]["message"]["content"]
+        assert fronted.usage is not None
+        assert fronted.usage.completion_tokens == direct["usage"]["completion_tokens"]
+        ctx.stopping.set()
+        with anyio.fail_after(WAIT):
+            await front_done.wait()  # the role drained and returned by itself
+        upstream_stopping.set()
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("backend_plugin")
+async def test_an_unreachable_engine_server_means_not_ready() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        nobody = probe.getsockname()[1]
+    ctx = role_context(
+        {"engine": "openai", "engine_url": f"http://127.0.0.1:{nobody}", "model": "m"}
+        | {"port": "0", "ops_port": "0"}
+    )
+    async with anyio.create_task_group() as tg, HTTPClient() as http:
+        tg.start_soon(run, ctx)
+        await eventually(lambda: "backend" in ctx.state)
+        info: BackendInfo = ctx.state["backend"]
+        status, document = await health(http, info)
+        assert (status, document) == (503, {"status": "engine not ready"})
+        refused = await http.request(
+            "POST",
+            f"{info.service.url}/v1/completions",
+            body=json.dumps({"model": "m", "prompt": "x"}).encode(),
+        )
+        assert refused.status == 503
+        assert (await refused.json())["error"]["code"] == "engine_unavailable"
+        ctx.stopping.set()
+
+
 # -- a real process -----------------------------------------------------------------------------
 
 
@@ -384,3 +483,19 @@ def test_config_shows_settings_and_hides_the_secret(capsys: pytest.CaptureFixtur
 def test_gpu_report_commands(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(args) == 0
     assert "Inferno GPU report" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("backend_plugin")
+def test_settings_come_from_toml_and_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    toml = tmp_path / "inferno.toml"
+    toml.write_text('[backend]\nsim_speed = 3.5\ndiscovery_lb = ["10.0.0.1:6100"]\n')
+    monkeypatch.setenv("INFERNO_BACKEND_MAX_CONCURRENCY", "5")
+    assert main(["config", "backend", "--config", str(toml), "--drain-timeout", "9s"]) == 0
+    out = capsys.readouterr().out
+    assert "sim_speed = 3.5  # from " in out
+    assert "max_concurrency = 5  # from env INFERNO_BACKEND_MAX_CONCURRENCY" in out
+    assert 'discovery_lb = ["10.0.0.1:6100"]' in out
+    assert "drain_timeout = " in out
+    assert "flag --drain-timeout" in out
