@@ -59,6 +59,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Final
+from urllib.parse import unquote
 
 import anyio
 
@@ -322,7 +323,7 @@ class InferenceAPI:
             return Response.json(models_list(self.engine.models(), self.created))
         if path.startswith("/v1/models/"):
             _allow(request, "GET")
-            model = path[len("/v1/models/") :]
+            model = unquote(path[len("/v1/models/") :])  # ids like org/name arrive encoded
             self._check_model(model)
             return Response.json(model_object(model, self.created))
         if path == "/v1/ws":

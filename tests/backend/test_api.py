@@ -224,6 +224,8 @@ async def test_raw_http_errors() -> None:
         assert (health.status, (await health.json())["status"]) == (200, "ready")
         not_upgraded = await http.request("GET", f"{url}/v1/ws")
         assert not_upgraded.status == 426
+        encoded = await http.request("GET", f"{url}/v1/models/sim%2Dtiny")
+        assert (await encoded.json())["id"] == MODEL
 
 
 @pytest.mark.anyio
