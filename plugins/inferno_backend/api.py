@@ -31,40 +31,24 @@ is therefore stopped within a token or two.  (A request still queued, or a
 non-streaming one, is not written to until it completes, so its slot is held
 until then.)
 
-**WebSocket** (``/v1/ws``).  Each text message from the client is one
-request: the JSON body of a chat or completions request plus an
-``"endpoint"`` field, ``"chat/completions"`` or ``"completions"`` (a leading
-``/v1/`` is accepted); without it, ``"messages"`` means chat and ``"prompt"``
-completions.  The answer is always streamed (``"stream"`` is ignored), one text message per chunk in
-exactly the JSON of the SSE stream (``stream_options.include_usage`` adds the
-usage chunk too), then one terminal message::
-
-    {"done": true, "id": "chatcmpl-…", "finish_reason": "stop",
-     "usage": {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42}}
-
-or, when the request fails at any point, instead::
-
-    {"error": {"message", "type", "param", "code"}, "status": 429}
-
-Requests on one socket are served one after another (send the next after the
-terminal message, or earlier: it waits its turn).  Closing the socket stops a
-generation at its next token.  While the node drains, an idle socket is closed
-with 1001 (going away), a busy one after its terminal message.
+**WebSocket** (``/v1/ws``): the same requests and chunks over one socket; the
+protocol is documented in :mod:`inferno_backend.wsapi`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, Final
+from typing import Final
 from urllib.parse import unquote
 
 import anyio
 
 from inferno.errors import HTTPError
-from inferno.http import Request, Response, WebSocket, WebSocketAccept, WebSocketClosed
+from inferno.http import Request, Response, WebSocketAccept
 from inferno.metrics import Registry
 from inferno_backend.admission import Admission, AdmissionRejected, Lease
 from inferno_backend.engines.base import Engine, EngineError, TokenChunk
@@ -77,11 +61,10 @@ from inferno_backend.oaischema import (
     model_object,
     models_list,
     parse_request,
-    usage,
     whole_response,
 )
 
-__all__ = ["RETRY_AFTER_SECONDS", "InferenceAPI"]
+__all__ = ["RETRY_AFTER_SECONDS", "Generation", "InferenceAPI", "engine_failure", "health_response"]
 
 logger = logging.getLogger("inferno_backend.api")
 
@@ -90,8 +73,6 @@ logger = logging.getLogger("inferno_backend.api")
 RETRY_AFTER_SECONDS: Final = 1
 #: Longest wait for an engine stream to close (a fronted server's connection).
 CLOSE_TIMEOUT: Final = 5.0
-#: WebSocket close code sent to idle sockets when the node drains (RFC 6455 §7.4.1).
-WS_GOING_AWAY: Final = 1001
 
 _SSE_HEADERS: Final = [
     ("content-type", "text/event-stream; charset=utf-8"),
@@ -102,12 +83,6 @@ _DONE: Final = b"data: [DONE]\n\n"
 _DRAINING: Final = "draining"  # error code of the 503 answered while the node drains
 _GENERATION_ROUTES: Final[dict[str, Kind]] = {
     "/v1/chat/completions": "chat",
-    "/v1/completions": "completion",
-}
-_WS_ENDPOINTS: Final[dict[str, Kind]] = {
-    "chat/completions": "chat",
-    "/v1/chat/completions": "chat",
-    "completions": "completion",
     "/v1/completions": "completion",
 }
 _KNOWN_ROUTES: Final = frozenset(
@@ -165,7 +140,7 @@ class _Metrics:
         )
 
 
-class _Generation:
+class Generation:
     """One admitted generation: its lease, its engine stream and the chunks so far."""
 
     __slots__ = ("first", "last", "lease", "parsed", "route", "started", "stream")
@@ -210,7 +185,7 @@ class _Body:
 
     __slots__ = ("_generation", "_iterator")
 
-    def __init__(self, iterator: AsyncGenerator[bytes, None], generation: _Generation) -> None:
+    def __init__(self, iterator: AsyncGenerator[bytes, None], generation: Generation) -> None:
         self._iterator = iterator
         self._generation = generation
 
@@ -255,7 +230,8 @@ class InferenceAPI:
         self.backoff_requests = 0
         self._metrics = _Metrics(registry)
         self._draining = False
-        self._idle_sockets: set[anyio.CancelScope] = set()
+        #: Cancel scopes of WebSocket sessions waiting for a request (closed on drain).
+        self.idle_sockets: set[anyio.CancelScope] = set()
 
     # -- state -------------------------------------------------------------------------
 
@@ -267,7 +243,7 @@ class InferenceAPI:
         """Refuse new requests (503), let admitted and queued ones finish, close idle sockets."""
         self._draining = True
         self.admission.close()
-        for scope in list(self._idle_sockets):
+        for scope in list(self.idle_sockets):
             scope.cancel()
 
     def not_ready_reason(self) -> str | None:
@@ -288,24 +264,30 @@ class InferenceAPI:
         try:
             response = await self._dispatch(request, path, route, started)
         except HTTPError as exc:
-            self._answered(route, exc.status, started, exc.code)
+            self.count_answer(route, exc.status, started, exc.code)
             raise
         except Exception:
-            self._answered(route, 500, started)
+            self.count_answer(route, 500, started)
             raise
         if isinstance(response.body, bytes):
-            self._answered(route, response.status, started)
+            self.count_answer(route, response.status, started)
         else:  # a stream: its duration is observed when it ends
-            self._metrics.requests.labels(route=route, status=str(response.status)).inc()
+            self.count_stream(route)
         return response
 
-    def _answered(self, route: str, status: int, started: float, code: object = None) -> None:
+    def count_stream(self, route: str) -> None:
+        """Count a streamed answer that started (its duration is observed at its end)."""
+        self._metrics.requests.labels(route=route, status="200").inc()
+
+    def count_answer(self, route: str, status: int, started: float, code: object = None) -> None:
+        """Count an answer given in one piece (an error, or a whole response)."""
         self._metrics.requests.labels(route=route, status=str(status)).inc()
         self._metrics.duration.labels(route=route).observe(time.monotonic() - started)
         if status >= 500 and code != _DRAINING:  # turning away while draining is a back-off
-            self._failed()
+            self.count_failure()
 
-    def _failed(self) -> None:
+    def count_failure(self) -> None:
+        """Count a failed answer (``failed_responses``): a 5xx, or a stream broken mid-way."""
         self.failed_responses += 1
         self._metrics.failed.inc()
 
@@ -314,7 +296,7 @@ class InferenceAPI:
         if kind is not None:
             _allow(request, "POST")
             parsed = parse_request(kind, await request.json(), _request_id(request, kind))
-            generation = await self._start(parsed, route, started)
+            generation = await self.start_generation(parsed, route, started)
             if parsed.stream:
                 return Response(200, _SSE_HEADERS, _Body(self._sse(generation), generation))
             return await self._whole(generation)
@@ -327,7 +309,10 @@ class InferenceAPI:
             self._check_model(model)
             return Response.json(model_object(model, self.created))
         if path == "/v1/ws":
-            return WebSocketAccept(self._ws_session, max_message_bytes=self.max_message_bytes)
+            from inferno_backend.wsapi import serve_session
+
+            session = functools.partial(serve_session, self)
+            return WebSocketAccept(session, max_message_bytes=self.max_message_bytes)
         if path == "/health":
             _allow(request, "GET")
             return health_response(self.not_ready_reason())
@@ -345,7 +330,9 @@ class InferenceAPI:
 
     # -- generation ----------------------------------------------------------------------
 
-    async def _start(self, parsed: ParsedRequest, route: str, started: float) -> _Generation:
+    async def start_generation(
+        self, parsed: ParsedRequest, route: str, started: float
+    ) -> Generation:
         """Admit ``parsed`` and wait for its first chunk.
 
         :raises HTTPError: 404 unknown model, 429/503 turned away, the engine's failure.
@@ -379,13 +366,13 @@ class InferenceAPI:
                 raise OpenAIError(502, "the engine produced nothing", code="engine_error") from None
             raise
         self._metrics.ttft.labels(route=route).observe(time.monotonic() - started)
-        return _Generation(parsed, route, started, lease, stream, first)
+        return Generation(parsed, route, started, lease, stream, first)
 
     def _backoff(self, reason: str) -> None:
         self.backoff_requests += 1
         self._metrics.backoff.labels(reason=reason).inc()
 
-    async def _finish(self, generation: _Generation, *, observe: bool = True) -> None:
+    async def finish_generation(self, generation: Generation, *, observe: bool = True) -> None:
         """Close the engine stream, free the slot, count tokens; never raises, bounded."""
         await _close(generation.stream)
         generation.lease.release()
@@ -396,7 +383,7 @@ class InferenceAPI:
             elapsed = time.monotonic() - generation.started
             self._metrics.duration.labels(route=generation.route).observe(elapsed)
 
-    async def _whole(self, generation: _Generation) -> Response:
+    async def _whole(self, generation: Generation) -> Response:
         pieces = [generation.first.text]
         try:
             async for chunk in generation.rest():
@@ -404,7 +391,7 @@ class InferenceAPI:
         except EngineError as exc:
             raise engine_failure(exc) from None
         finally:
-            await self._finish(generation, observe=False)
+            await self.finish_generation(generation, observe=False)
         parsed, last = generation.parsed, generation.last
         document = whole_response(
             parsed.kind,
@@ -418,7 +405,7 @@ class InferenceAPI:
         )
         return Response.json(document)
 
-    async def _sse(self, generation: _Generation) -> AsyncGenerator[bytes, None]:
+    async def _sse(self, generation: Generation) -> AsyncGenerator[bytes, None]:
         parsed = generation.parsed
         encoder = ChunkEncoder(
             parsed.kind,
@@ -435,7 +422,7 @@ class InferenceAPI:
                     if chunk.text or chunk.finish_reason is not None:
                         yield b"data: " + encoder.chunk(chunk.text, chunk.finish_reason) + b"\n\n"
             except EngineError as exc:
-                self._failed()
+                self.count_failure()
                 logger.warning("stream %s failed mid-way: %s", parsed.generation.request_id, exc)
                 yield b"data: " + _error_event(engine_failure(exc)) + b"\n\n"
                 return
@@ -445,62 +432,7 @@ class InferenceAPI:
                 yield b"data: " + usage_chunk + b"\n\n"
             yield _DONE
         finally:
-            await self._finish(generation)
-
-    # -- WebSocket ----------------------------------------------------------------------
-
-    async def _ws_session(self, ws: WebSocket) -> None:
-        while not self._draining:
-            with anyio.CancelScope() as waiting:
-                self._idle_sockets.add(waiting)
-                try:
-                    message = await ws.receive()
-                except WebSocketClosed:
-                    return
-                finally:
-                    self._idle_sockets.discard(waiting)
-            if waiting.cancelled_caught:
-                break
-            await self._ws_request(ws, message)
-        await ws.close(WS_GOING_AWAY, "the node is draining")
-
-    async def _ws_request(self, ws: WebSocket, message: str | bytes) -> None:
-        route = "/v1/ws"
-        started = time.monotonic()
-        try:
-            parsed = _parse_ws_message(message)
-            generation = await self._start(parsed, route, started)
-        except HTTPError as exc:
-            self._answered(route, exc.status, started, exc.code)
-            await ws.send(_ws_error(exc))
-            return
-        self._metrics.requests.labels(route=route, status="200").inc()
-        id_ = completion_id(parsed.kind)
-        encoder = ChunkEncoder(parsed.kind, id_, int(time.time()), parsed.model, True)
-        try:
-            first = generation.first
-            await ws.send(encoder.chunk(first.text, first.finish_reason).decode("utf-8"))
-            try:
-                async for chunk in generation.rest():
-                    if chunk.text or chunk.finish_reason is not None:
-                        await ws.send(encoder.chunk(chunk.text, chunk.finish_reason).decode())
-            except EngineError as exc:
-                self._failed()
-                await ws.send(_ws_error(engine_failure(exc)))
-                return
-            last = generation.last
-            if parsed.include_usage:
-                usage_chunk = encoder.usage_chunk(last.prompt_tokens, last.completion_tokens)
-                await ws.send(usage_chunk.decode())
-            done = {
-                "done": True,
-                "id": id_,
-                "finish_reason": last.finish_reason,
-                "usage": usage(last.prompt_tokens, last.completion_tokens),
-            }
-            await ws.send(json.dumps(done, separators=(",", ":")))
-        finally:
-            await self._finish(generation)
+            await self.finish_generation(generation)
 
 
 def health_response(reason: str | None) -> Response:
@@ -530,42 +462,11 @@ def _request_id(request: Request, kind: Kind) -> str:
     return completion_id(kind)
 
 
-def _parse_ws_message(message: str | bytes) -> ParsedRequest:
-    try:
-        document: Any = json.loads(message)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise OpenAIError(
-            400, f"the message is not valid JSON: {exc}", code="invalid_json"
-        ) from None
-    if not isinstance(document, dict):
-        raise OpenAIError(400, "the message must be a JSON object")
-    endpoint = document.pop("endpoint", None)
-    if endpoint is None:
-        kind: Kind | None = "chat" if "messages" in document else "completion"
-    elif isinstance(endpoint, str):
-        kind = _WS_ENDPOINTS.get(endpoint)
-    else:
-        kind = None
-    if kind is None:
-        raise OpenAIError(
-            400,
-            f"endpoint: {endpoint!r} is not 'chat/completions' or 'completions'",
-            param="endpoint",
-            code="invalid_value",
-        )
-    document["stream"] = True  # always streamed here; stream_options is then allowed
-    return parse_request(kind, document, completion_id(kind))
-
-
 def _error_event(exc: HTTPError) -> bytes:
     """An error chunk; ``code`` is the status, as vLLM sends it, so proxies can read it."""
     body = exc.body()
     body["error"]["code"] = exc.status
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
-
-
-def _ws_error(exc: HTTPError) -> str:
-    return json.dumps({**exc.body(), "status": exc.status}, separators=(",", ":"))
 
 
 async def _close(stream: AsyncIterator[TokenChunk]) -> None:
