@@ -6,7 +6,7 @@ Routes::
     GET  /v1/models/{model}         one model object, or 404 model_not_found
     POST /v1/chat/completions       chat.completion, or an SSE stream of chat.completion.chunk
     POST /v1/completions            text_completion, or an SSE stream of text_completion chunks
-    GET  /v1/ws                     WebSocket: the same requests and chunks (below)
+    GET  /v1/ws                     WebSocket: the same requests and chunks (wsapi.py)
     GET  /health                    200 {"status": "ready"} or 503 {"status": why not}
 
 Every error is ``{"error": {"message", "type", "param", "code"}}`` with the
