@@ -5,8 +5,30 @@ The public names are re-exported here; import from ``inferno.http``.
 
 from __future__ import annotations
 
+# -- client (inferno.http.client) ---------------------------------------------------
+from inferno.http.client import URL, ClientResponse, HTTPClient, Timeouts, parse_url
+from inferno.http.client_errors import (
+    ClientError,
+    ClientTimeout,
+    ConnectError,
+    ConnectTimeout,
+    DecodeError,
+    InvalidURL,
+    LocalProtocolError,
+    PoolTimeout,
+    ReadError,
+    ReadTimeout,
+    RemoteProtocolError,
+    ResponseTooLarge,
+    TLSError,
+    TotalTimeout,
+    WriteError,
+    WriteTimeout,
+)
+
 # -- server (inferno.http.server) ---------------------------------------------------
 from inferno.http.headers import Headers
+from inferno.http.pool import Origin, OriginStats, PoolStats
 from inferno.http.server import (
     Handler,
     Request,
@@ -28,22 +50,44 @@ from inferno.http.websocket import (
     connect_websocket,
 )
 
-# -- client (inferno.http.client): names added by the client's owner go here ---------
-
 __all__ = [
+    "URL",
+    "ClientError",
+    "ClientResponse",
+    "ClientTimeout",
+    "ConnectError",
+    "ConnectTimeout",
+    "DecodeError",
+    "HTTPClient",
     "Handler",
     "Headers",
+    "InvalidURL",
+    "LocalProtocolError",
+    "Origin",
+    "OriginStats",
+    "PoolStats",
+    "PoolTimeout",
+    "ReadError",
+    "ReadTimeout",
+    "RemoteProtocolError",
     "Request",
     "Response",
+    "ResponseTooLarge",
     "ServerInfo",
     "ServerLimits",
     "TLSConfigError",
+    "TLSError",
+    "Timeouts",
+    "TotalTimeout",
     "WebSocket",
     "WebSocketAccept",
     "WebSocketClosed",
     "WebSocketError",
     "WebSocketHandshakeError",
+    "WriteError",
+    "WriteTimeout",
     "connect_websocket",
+    "parse_url",
     "serve",
     "server_ssl_context",
 ]
