@@ -1,0 +1,269 @@
+"""The active health loop: check every node each interval, apply the clock, report changes.
+
+The driver between the checkers (:mod:`inferno_health.checkers`) and the
+pure :class:`~inferno_proxy.pool.Pool`::
+
+    every interval:  check all nodes at once, each within `timeout`
+                     -> pool.check_passed(id, now, vitals) / pool.check_failed(id, now, reason)
+    every tick:      pool.tick(now)   (circuit cooldowns, stalled nodes)
+    every change:    one log line, a counter, and `on_change()` (the data path's
+                     ServiceApp.pool_changed, which wakes requests waiting for a node)
+
+Registered nodes are checked with ``checker`` (``vitals`` by default: their
+``/metrics`` brings readiness, queue depth and models); static nodes from
+``--backends`` with ``static_checker`` (``http`` by default, since a plain
+vLLM or llama.cpp server has ``/health`` but no Inferno vitals).
+
+A round never overlaps the next: when checks take longer than the interval
+(a timeout above it), the next round starts as soon as this one ends.  Each
+result is applied as soon as it arrives, to the node it was taken for: a
+node that re-registered at another address meanwhile, or left, ignores it.
+
+:class:`ChangeReporter` is shared with the operations port, so every change of
+the pool is told the same way whichever driver caused it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Final
+
+import anyio
+import anyio.abc
+from inferno_health.checkers import CheckResult, CheckTarget, HealthChecker
+
+from inferno.metrics import Registry
+from inferno_proxy.nodes import TICK_INTERVAL, ChangeKind, Node, NodeChange, NodeSource
+from inferno_proxy.pool import Pool
+
+__all__ = ["ChangeReporter", "HealthLoop", "describe_change"]
+
+logger = logging.getLogger("inferno_proxy.health")
+
+#: Monotonic seconds, the pool's time base; shared with the data path.
+Clock = Callable[[], float]
+#: Called after every batch of changes (no arguments, must not block).
+OnChange = Callable[[], None]
+
+#: Extra seconds a check may overrun its own timeout before the loop gives up on
+#: it: checkers promise to return within the timeout, this bounds one that does not.
+CHECK_GRACE: Final = 1.0
+
+
+def describe_change(change: NodeChange, pool: Pool | None = None) -> str:
+    """One line saying what happened to a node, for people reading the log.
+
+    ``node backend-a unhealthy: 3 consecutive failures (connect refused)``.
+    With ``pool``, a health change names the node's last failure too.
+    """
+    node = f"node {change.node_id}"
+    kind = change.kind
+    if kind is ChangeKind.ADDED:
+        return f"{node} added ({change.reason}) at {change.new}"
+    if kind is ChangeKind.UPDATED:
+        return f"{node} updated: {change.old} -> {change.new}"
+    if kind is ChangeKind.REMOVED:
+        return f"{node} removed: {change.reason}"
+    if kind is ChangeKind.DRAINING:
+        return f"{node} deregistered: draining"
+    if kind is ChangeKind.ROTATION:
+        if change.new == "in":
+            return f"{node} in rotation"
+        return f"{node} out of rotation ({change.reason})" if change.reason else f"{node} out"
+    if kind is ChangeKind.STALL:
+        return f"{node} {change.new}: {change.reason}"
+    if kind is ChangeKind.CIRCUIT:
+        return f"{node} circuit {change.new}: {change.reason}"
+    # HEALTH: "node x unhealthy: 3 consecutive failures (connect refused)"
+    text = f"{node} {change.new.replace('_', ' ')}"
+    if change.reason:
+        text += f": {change.reason}"
+    found = pool.get(change.node_id) if pool is not None else None
+    last = found.health.last_failure if found is not None else None
+    if change.new == "unhealthy" and last and last not in text:
+        text += f" ({last})"
+    return text
+
+
+class ChangeReporter:
+    """Tells every change of the pool: one log line each, a counter, then ``on_change()``.
+
+    One reporter is shared by every driver that changes the pool (the health
+    loop, the operations port), so changes read the same whoever caused them.
+
+    :param pool: the pool the changes happened in (to name a node's last failure).
+    :param registry: where ``inferno_proxy_node_changes_total`` is counted.
+    :param on_change: called once after each non-empty batch (must not block).
+    """
+
+    def __init__(self, pool: Pool, registry: Registry, on_change: OnChange | None = None) -> None:
+        self.pool = pool
+        self.on_change = on_change
+        self._counter = registry.counter(
+            "inferno_proxy_node_changes_total",
+            "Changes of nodes in the pool, by kind and new state.",
+            ("kind", "state"),
+        )
+
+    def report(self, changes: Iterable[NodeChange]) -> None:
+        """Log and count each change (a node leaving for good at warning), then notify."""
+        told = False
+        for change in changes:
+            told = True
+            level = logging.WARNING if change.kind is ChangeKind.REMOVED else logging.INFO
+            logger.log(
+                level,
+                "%s",
+                describe_change(change, self.pool),
+                extra={"node": change.node_id, "change": change.kind.value, "state": change.new},
+            )
+            self._counter.labels(kind=change.kind.value, state=change.new or "none").inc()
+        if told and self.on_change is not None:
+            self.on_change()
+
+
+class HealthLoop:
+    """Drives active checks and the pool's clock (see the module docstring).
+
+    :param pool: the pool to feed.
+    :param checker: checks registered nodes.
+    :param static_checker: checks static nodes (``--backends``); default ``checker``.
+    :param interval: seconds from the start of one round to the start of the next.
+    :param timeout: seconds one check may take.
+    :param tick_interval: seconds between two :meth:`Pool.tick` calls.
+    :param registry: where check counters and latencies go.
+    :param reporter: tells the changes the loop causes (logs, counter, the
+        data path's callback); by default one that only logs and counts.
+    :param clock: monotonic seconds; the same clock as the data path's.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        *,
+        checker: HealthChecker,
+        static_checker: HealthChecker | None = None,
+        interval: float,
+        timeout: float,
+        tick_interval: float = TICK_INTERVAL,
+        registry: Registry | None = None,
+        reporter: ChangeReporter | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        for name, value in (("interval", interval), ("timeout", timeout), ("tick", tick_interval)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+        self.pool = pool
+        self.checker = checker
+        self.static_checker = static_checker or checker
+        self.interval = interval
+        self.timeout = timeout
+        self.tick_interval = tick_interval
+        self.registry = registry or Registry()
+        self.reporter = reporter or ChangeReporter(pool, self.registry)
+        self.clock = clock
+        #: Completed rounds; tests and operators can see the loop is alive.
+        self.rounds = 0
+        self._round_done: anyio.Event | None = None
+        self._checks = self.registry.counter(
+            "inferno_proxy_health_checks_total",
+            "Active health checks, by checker and result (pass, not_ready, fail).",
+            ("checker", "result"),
+        )
+        self._latency = self.registry.histogram(
+            "inferno_proxy_health_check_seconds",
+            "Time an active health check took, failed ones included.",
+            ("checker",),
+        )
+
+    # --- running ----------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Check and tick until cancelled; reports started before the first round."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._tick_forever)
+            task_status.started()
+            while True:
+                started = anyio.current_time()
+                await self.check_all()
+                await anyio.sleep_until(started + self.interval)
+
+    async def wait_round(self) -> None:
+        """Wait until the round in progress (or the next one) has completed."""
+        if self._round_done is None:
+            self._round_done = anyio.Event()
+        await self._round_done.wait()
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await anyio.sleep(self.tick_interval)
+            self.apply(self.pool.tick(self.clock()))
+
+    async def check_all(self) -> None:
+        """One round: check every node at once; each result is applied when it arrives."""
+        async with anyio.create_task_group() as tg:
+            for node in self.pool.nodes():
+                tg.start_soon(self._check_one, node.id, node.address, self._target(node))
+        self.rounds += 1
+        done, self._round_done = self._round_done, None
+        if done is not None:
+            done.set()
+
+    def _checker_for(self, source: NodeSource) -> HealthChecker:
+        return self.static_checker if source is NodeSource.STATIC else self.checker
+
+    def _target(self, node: Node) -> CheckTarget:
+        info = node.info
+        return CheckTarget(
+            node_id=node.id,
+            host=info.host,
+            port=info.port,
+            metrics_port=info.metrics_port,
+        )
+
+    async def _check_one(self, node_id: str, address: str, target: CheckTarget) -> None:
+        node = self.pool.get(node_id)
+        if node is None:
+            return
+        checker = self._checker_for(node.source)
+        result: CheckResult | None = None
+        with anyio.move_on_after(self.timeout + CHECK_GRACE):
+            try:
+                result = await checker.check(target, timeout=self.timeout)
+            except Exception as exc:  # a broken checker must not stop the loop
+                logger.error(
+                    "health checker %r failed on node %s: %s: %s",
+                    checker.name,
+                    node_id,
+                    type(exc).__name__,
+                    exc,
+                )
+                result = CheckResult(False, f"checker error: {type(exc).__name__}")
+        if result is None:
+            result = CheckResult(False, f"timeout after {self.timeout:g}s")
+        self._latency.labels(checker=checker.name).observe(result.latency)
+        current = self.pool.get(node_id)
+        if current is None or current.address != address:
+            return  # it left, or moved: this result is about a node that no longer exists
+        self.apply(self._feed(node_id, checker.name, result))
+
+    def _feed(self, node_id: str, checker: str, result: CheckResult) -> tuple[NodeChange, ...]:
+        now = self.clock()
+        if result.ok and (result.ready is not False or result.vitals is not None):
+            outcome = "not_ready" if result.ready is False else "pass"
+            self._checks.labels(checker=checker, result=outcome).inc()
+            return self.pool.check_passed(node_id, now, result.vitals)
+        # A checker of a plugin may say ready=false without vitals; the pool takes
+        # not-ready from vitals only, so that counts as a failed check.
+        self._checks.labels(checker=checker, result="fail").inc()
+        reason = result.reason or ("not ready" if result.ok else "check failed")
+        return self.pool.check_failed(node_id, now, reason)
+
+    def apply(self, changes: tuple[NodeChange, ...]) -> None:
+        """Report changes (see :class:`ChangeReporter`); nothing when there are none."""
+        if changes:
+            self.reporter.report(changes)
