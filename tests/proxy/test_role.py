@@ -1,0 +1,369 @@
+"""The ``proxy`` role: in process, as a real process under SIGTERM, and its command line.
+
+Nodes are real servers on loopback (:func:`inferno.http.serve`) answering
+``/metrics`` vitals and ``/health``; the proxy is :func:`serve_proxy` in
+process, or ``python -m inferno proxy`` in a child process whose JSON log
+lines say where it listens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import pytest
+from inferno_health.checkers import HTTPChecker, VitalsChecker
+from inferno_proxy.policies import LeastRequests
+from inferno_proxy.role import ProxyInfo, ProxyParts, check_settings, is_loopback, serve_proxy
+from inferno_proxy.settings import ProxySettings
+
+from inferno.cli import main
+from inferno.config import HostPort
+from inferno.errors import ConfigError, HTTPError
+from inferno.http import Request, Response, ServerInfo, serve
+from inferno.http.client import HTTPClient
+from inferno.metrics import Registry
+from inferno.plugins import get_plugin_manager
+
+pytestmark = pytest.mark.anyio
+
+WAIT = 20.0  # seconds a test waits for what must happen before failing instead of hanging
+ROOT = Path(__file__).resolve().parents[2]
+LISTENING = re.compile(r"proxy listening on ([\d.]+):(\d+) \(ops ([\d.]+):(\d+)\)")
+SECRET = "role-test-secret"
+
+VITALS: dict[str, Any] = {
+    "ready": True,
+    "requests_in_progress": 0,
+    "requests_queued": 0,
+    "cpu_usage": 0.1,
+    "memory_usage": 0.2,
+    "uptime_seconds": 1.0,
+    "version": "0.1.0",
+    "models": ["tiny"],
+}
+
+
+# --- a node to route to -----------------------------------------------------------------------
+
+
+class Node:
+    """A backend stand-in: vitals on ``/metrics``, ``/health``, and a chat answer that
+    names it, on one port (its service and operations port at once)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.requests: list[str] = []
+
+    async def handle(self, request: Request) -> Response:
+        self.requests.append(request.path)
+        if request.path == "/metrics":
+            return Response.json(VITALS)
+        if request.path == "/health":
+            return Response.json({"status": "ready"})
+        if request.path == "/v1/chat/completions":
+            body = await request.json()
+            return Response.json({"served_by": self.name, "model": body.get("model")})
+        raise HTTPError(404, "no such route")
+
+
+@contextlib.asynccontextmanager
+async def running(node: Node) -> AsyncIterator[ServerInfo]:
+    async with anyio.create_task_group() as tg:
+        info: ServerInfo = await tg.start(functools.partial(serve, node.handle))
+        yield info
+        tg.cancel_scope.cancel()
+
+
+def registration(node_id: str, port: int) -> bytes:
+    document = {
+        "id": node_id,
+        "address": f"127.0.0.1:{port}",
+        "metrics_port": port,
+        "node_type": "backend",
+        "models": ["tiny"],
+    }
+    return json.dumps(document).encode()
+
+
+async def eventually(condition: Callable[[], Any]) -> None:
+    """Wait, bounded, for something the proxy's loops must bring about."""
+    with anyio.fail_after(WAIT):
+        while True:
+            if await condition():
+                return
+            await anyio.sleep(0.02)
+
+
+def parts() -> ProxyParts:
+    return ProxyParts(LeastRequests(), VitalsChecker(), HTTPChecker())
+
+
+# --- in process ----------------------------------------------------------------------------------
+
+
+async def test_the_proxy_checks_static_backends_takes_registrations_and_stops_by_itself() -> None:
+    static_node, registered_node = Node("static"), Node("registered")
+    stopping = anyio.Event()
+    async with (
+        running(static_node) as static,
+        running(registered_node) as registered,
+        HTTPClient() as http,
+        anyio.create_task_group() as tg,
+    ):
+        settings = ProxySettings(
+            backends=(HostPort("127.0.0.1", static.port),), health_interval=0.05
+        )
+        info: ProxyInfo = await tg.start(
+            functools.partial(
+                serve_proxy,
+                settings,
+                parts(),
+                registry=Registry(),
+                stopping=stopping,
+                shutdown_timeout=WAIT,
+            )
+        )
+        ops = f"http://127.0.0.1:{info.ops.port}"
+        answer = await http.request(
+            "POST", f"{ops}/register", body=registration("node-r", registered.port)
+        )
+        assert answer.status == 200
+        assert [p["id"] for p in (await answer.json())["peers"]] == [f"127.0.0.1:{static.port}"]
+
+        async def all_healthy() -> bool:
+            backends = (await (await http.request("GET", f"{ops}/backends")).json())["backends"]
+            checked = "/metrics" in registered_node.requests
+            return checked and len(backends) == 2 and all(b["healthy"] for b in backends)
+
+        await eventually(all_healthy)
+        assert "/health" in static_node.requests  # the static checker: http
+        assert "/metrics" in registered_node.requests  # the registered one: vitals
+        stopping.set()
+    assert not tg.cancel_scope.cancel_called  # serve_proxy returned by itself
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+def source(dotted: str) -> str:
+    return "test"
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ({"ops_host": "0.0.0.0"}, "proxy.ops_host"),
+        ({"ops_host": "::"}, "proxy.ops_host"),
+        ({"ops_host": "10.1.2.3"}, "proxy.ops_host"),
+        ({"ops_host": "proxy.example.com"}, "proxy.ops_host"),
+        ({"shared_secret": "  "}, "proxy.shared_secret"),
+        ({"shared_secret": "x", "open_enrollment": True}, "proxy.open_enrollment"),
+        ({"tls_key": Path("key.pem")}, "proxy.tls_key"),
+        ({"circuit_cooldown": 10.0, "circuit_max_cooldown": 5.0}, "proxy.circuit_max_cooldown"),
+        ({"workers": 2}, "proxy.workers"),
+        ({"backends": (HostPort("0.0.0.0", 80),)}, "proxy.backends"),
+        ({"backends": (HostPort("127.0.0.1", 0),)}, "proxy.backends"),
+    ],
+)
+def test_settings_the_proxy_must_not_run_with_are_refused(
+    options: dict[str, Any], key: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        check_settings(ProxySettings(**options), source)
+    assert [p.key for p in refused.value.problems] == [key]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"ops_host": "127.0.0.1"},
+        {"ops_host": "localhost"},
+        {"ops_host": "::1"},
+        {"ops_host": "0.0.0.0", "shared_secret": "x"},
+        {"ops_host": "0.0.0.0", "open_enrollment": True},
+    ],
+)
+def test_loopback_or_a_secret_or_explicit_open_enrolment_may_start(
+    options: dict[str, Any],
+) -> None:
+    check_settings(ProxySettings(**options), source)
+
+
+def test_plugin_names_are_checked_against_the_plugins() -> None:
+    pm = get_plugin_manager(refresh=True)
+    from inferno.plugins import collect_named
+
+    policies = collect_named(pm, "inferno_routing_policies")
+    checkers = collect_named(pm, "inferno_health_checkers")
+    assert {"least_requests", "round_robin", "weighted", "affinity"} <= set(policies)
+    settings = ProxySettings(policy="fastest", health_checker="psychic")
+    with pytest.raises(ConfigError) as refused:
+        check_settings(settings, source, policies=policies, checkers=checkers)
+    assert [p.key for p in refused.value.problems] == ["proxy.policy", "proxy.health_checker"]
+    assert "least_requests" in refused.value.problems[0].allowed
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("", False),
+        ("::", False),
+        ("192.168.1.1", False),
+        ("example.com", False),
+    ],
+)
+def test_what_counts_as_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name in list(os.environ):
+        if name.startswith("INFERNO_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("INFERNO_LOG_FORMAT", "json")
+    get_plugin_manager(refresh=True)
+    yield
+    get_plugin_manager(refresh=True)
+
+
+@pytest.mark.usefixtures("clean_env")
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["--ops-host", "0.0.0.0"], "proxy.ops_host"),
+        (["--policy", "nope"], "proxy.policy"),
+        (["--static-health-checker", "nope"], "proxy.static_health_checker"),
+        (["--health-path", "no-slash"], "proxy.health_path"),
+        (["--tls-cert", "/nonexistent/cert.pem"], "proxy.tls_cert"),
+        (["--backends", "nohost"], "proxy.backends"),
+        (["--health-interval", "0s"], "proxy.health_interval"),
+    ],
+)
+def test_bad_settings_exit_2_naming_the_key(
+    args: list[str], key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["proxy", "--port=0", "--ops-port=0", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"{key} (" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_the_open_enrolment_refusal_explains_itself(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["proxy", "--port=0", "--ops-port=0", "--ops-host=0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "not a loopback address" in err
+    assert "--open-enrollment" in err
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_config_shows_settings_and_hides_the_secret(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "proxy", "--shared-secret", "hush-hush", "--policy", "affinity"]) == 0
+    out = capsys.readouterr().out
+    assert 'policy = "affinity"  # from flag --policy' in out
+    assert "hush-hush" not in out
+    assert "[proxy]" in out
+
+
+# --- a real process ------------------------------------------------------------------------------
+
+
+def proxy_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNO_")}
+    env["INFERNO_LOG_FORMAT"] = "json"
+    return env
+
+
+async def read_lines(
+    stream: anyio.abc.ByteReceiveStream, lines: list[dict[str, Any]], listening: anyio.Event
+) -> None:
+    buffer = b""
+    async for data in stream:
+        buffer += data
+        *complete, buffer = buffer.split(b"\n")
+        for raw in complete:
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                record = {"message": raw.decode(errors="replace")}
+            lines.append(record)
+            if LISTENING.search(str(record.get("message", ""))):
+                listening.set()
+
+
+async def test_the_proxy_process_takes_registrations_and_exits_0_on_sigterm() -> None:
+    lines: list[dict[str, Any]] = []
+    listening = anyio.Event()
+    node = Node("registered")
+    command = [
+        sys.executable,
+        "-m",
+        "inferno",
+        "proxy",
+        "--port=0",
+        "--ops-port=0",
+        f"--shared-secret={SECRET}",
+        "--health-interval=50ms",
+    ]
+    async with (
+        running(node) as node_info,
+        HTTPClient() as http,
+        await anyio.open_process(command, env=proxy_env(), cwd=ROOT) as process,
+    ):
+        assert process.stderr is not None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_lines, process.stderr, lines, listening)
+            try:
+                with anyio.fail_after(WAIT):
+                    await listening.wait()
+                    (found,) = [m for r in lines if (m := LISTENING.search(str(r.get("message"))))]
+                    ops = f"http://127.0.0.1:{found.group(4)}"
+                    body = registration("node-r", node_info.port)
+                    refused = await http.request("POST", f"{ops}/register", body=body)
+                    assert refused.status == 401
+                    answer = await http.request(
+                        "POST",
+                        f"{ops}/register",
+                        headers=[("authorization", f"Bearer {SECRET}")],
+                        body=body,
+                    )
+                    assert answer.status == 200
+                    peers = (await (await http.request("GET", f"{ops}/peers")).json())["peers"]
+                    assert [p["id"] for p in peers] == ["node-r"]
+                    await eventually(lambda: _checked(node))
+                    process.send_signal(signal.SIGTERM)
+                    status = await process.wait()
+            finally:
+                if process.returncode is None:
+                    process.kill()
+            tg.cancel_scope.cancel()
+    log = "\n".join(str(r.get("message")) for r in lines)
+    assert status == 0, log
+    assert "node node-r added (registered)" in log
+    assert "proxy stopped" in log
+    assert SECRET not in json.dumps(lines)
+
+
+async def _checked(node: Node) -> bool:
+    return "/metrics" in node.requests
