@@ -107,8 +107,9 @@ class ChangeReporter:
             ("kind", "state"),
         )
 
-    def report(self, changes: Iterable[NodeChange]) -> None:
-        """Log and count each change (a node leaving for good at warning), then notify."""
+    def report(self, changes: Iterable[NodeChange], *, notify: bool = True) -> None:
+        """Log and count each change (a node leaving for good at warning), then, with
+        ``notify``, call ``on_change`` (the data path passes ``False`` for its own changes)."""
         told = False
         for change in changes:
             told = True
@@ -120,7 +121,7 @@ class ChangeReporter:
                 extra={"node": change.node_id, "change": change.kind.value, "state": change.new},
             )
             self._counter.labels(kind=change.kind.value, state=change.new or "none").inc()
-        if told and self.on_change is not None:
+        if told and notify and self.on_change is not None:
             self.on_change()
 
 

@@ -260,11 +260,7 @@ class OpsApp:
             lambda: 0.0 if self.draining else 1.0
         )
         labels = ("node",)
-        self._node_in_flight = registry.gauge(
-            "inferno_proxy_node_requests_in_flight",
-            "Requests this proxy has sent to each node and not yet finished.",
-            labels,
-        )
+        # Requests in flight per node are the data path's (inferno_proxy_node_in_flight_requests).
         self._node_queue = registry.gauge(
             "inferno_proxy_node_requests_queued",
             "Requests waiting at each node, as its latest vitals reported.",
@@ -289,7 +285,6 @@ class OpsApp:
     def _refresh_node_gauges(self) -> None:
         """Per-node series from the pool now: nodes that left lose theirs."""
         families = (
-            self._node_in_flight,
             self._node_queue,
             self._node_in_rotation,
             self._node_health,
@@ -298,7 +293,6 @@ class OpsApp:
         for family in families:
             family.clear()
         for node in self.pool.backends():
-            self._node_in_flight.labels(node=node.id).set(node.in_flight)
             self._node_queue.labels(node=node.id).set(node.queue_depth)
             self._node_in_rotation.labels(node=node.id).set(1.0 if node.in_rotation() else 0.0)
             for health in HealthState:

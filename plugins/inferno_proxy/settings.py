@@ -41,6 +41,7 @@ from inferno.config import (
 
 if TYPE_CHECKING:
     from inferno.http import ServerLimits
+    from inferno_proxy.forward import ForwardSettings
     from inferno_proxy.nodes import PoolSettings
 
 __all__ = [
@@ -143,6 +144,12 @@ PROXY_SECTION: Final = Section(
             Bool(),
             True,
             "add nosniff, frame and referrer security headers to every response",
+        ),
+        Setting(
+            "trust_forwarded_headers",
+            Bool(),
+            False,
+            "believe clients' X-Forwarded-For/-Proto (only behind another trusted proxy)",
         ),
         # -- routing --------------------------------------------------------------------------
         Setting(
@@ -247,13 +254,13 @@ PROXY_SECTION: Final = Section(
         Setting(
             "first_byte_timeout",
             Duration(min=0.001),
-            300.0,
+            60.0,
             "longest wait for a node's response head (prefill of a long prompt included)",
         ),
         Setting(
             "idle_timeout",
             Duration(min=0.001),
-            120.0,
+            60.0,
             "longest silence between two chunks of a response (never caps a whole stream)",
         ),
         Setting(
@@ -277,7 +284,7 @@ PROXY_SECTION: Final = Section(
         Setting(
             "max_queue",
             Int(min=0, max=1_000_000),
-            1024,
+            256,
             "requests waiting per model for a node; beyond that the answer is 429",
         ),
         # -- limits of the proxy's own server -------------------------------------------------
@@ -332,6 +339,7 @@ class ProxySettings:
     rate_limit_per_ip: float = 0.0
     rate_limit_burst: float = 20.0
     security_headers: bool = True
+    trust_forwarded_headers: bool = False
     policy: str = "least_requests"
     max_ejection_percent: float = 50.0
     slow_start: float = 30.0
@@ -349,12 +357,12 @@ class ProxySettings:
     circuit_cooldown: float = 5.0
     circuit_max_cooldown: float = 300.0
     connect_timeout: float = 5.0
-    first_byte_timeout: float = 300.0
-    idle_timeout: float = 120.0
+    first_byte_timeout: float = 60.0
+    idle_timeout: float = 60.0
     max_attempts: int = 3
     retry_ratio: float = 0.2
     queue_timeout: float = 30.0
-    max_queue: int = 1024
+    max_queue: int = 256
     max_header_bytes: int = 16 * 1024
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     header_timeout: float = 10.0
@@ -391,6 +399,22 @@ class ProxySettings:
             slow_start=self.slow_start,
             stall_timeout=self.stall_timeout,
             max_nodes=self.max_nodes,
+        )
+
+    def forward_settings(self) -> ForwardSettings:
+        """How the data path forwards requests: phase timeouts, attempts, queue, headers."""
+        from inferno_proxy.forward import DEFAULT_SECURITY_HEADERS, ForwardSettings
+
+        return ForwardSettings(
+            connect_timeout=self.connect_timeout,
+            first_byte_timeout=self.first_byte_timeout,
+            idle_timeout=self.idle_timeout,
+            max_attempts=self.max_attempts,
+            queue_timeout=self.queue_timeout,
+            max_queue=self.max_queue,
+            security_headers=DEFAULT_SECURITY_HEADERS if self.security_headers else (),
+            trust_forwarded_headers=self.trust_forwarded_headers,
+            max_body_bytes=self.max_body_bytes,
         )
 
     def server_limits(self) -> ServerLimits:
