@@ -63,6 +63,8 @@ def describe_change(change: NodeChange, pool: Pool | None = None) -> str:
     if kind is ChangeKind.ADDED:
         return f"{node} added ({change.reason}) at {change.new}"
     if kind is ChangeKind.UPDATED:
+        if change.old == change.new:  # same address: models, weight... changed
+            return f"{node} updated its registration"
         return f"{node} updated: {change.old} -> {change.new}"
     if kind is ChangeKind.REMOVED:
         return f"{node} removed: {change.reason}"

@@ -207,9 +207,9 @@ class OpsApp:
         document = await request.json()
         if not isinstance(document, dict):
             raise ValidationError("body", "expected a JSON object").to_http()
-        node_id = document.get("id")
         if "id" not in document:
             raise ValidationError("id", "is required").to_http()
+        node_id = document["id"]
         if not isinstance(node_id, str) or not node_id:
             raise ValidationError("id", "expected a non-empty string").to_http()
         self._registrations.labels(result="deregistered").inc()

@@ -339,6 +339,8 @@ async def test_changes_are_logged_counted_and_told_to_the_data_path(
             "node a deregistered: draining",
         ),
         (NodeChange("a", ChangeKind.ROTATION, "out", "in", 0.0), "node a in rotation"),
+        (NodeChange("a", ChangeKind.UPDATED, "h:1", "h:1", 0.0), "node a updated its registration"),
+        (NodeChange("a", ChangeKind.UPDATED, "h:1", "h:2", 0.0), "node a updated: h:1 -> h:2"),
         (
             NodeChange("a", ChangeKind.CIRCUIT, "closed", "open", 0.0, "5 failures"),
             "node a circuit open: 5 failures",
