@@ -77,6 +77,7 @@ class Backend:
     seen: list[Seen] = field(default_factory=list)
     gates: dict[int, anyio.Event] = field(default_factory=dict)
     disconnected: anyio.Event = field(default_factory=anyio.Event)
+    arrived: anyio.Event = field(default_factory=anyio.Event)  # set by the first request
     ws_closes: list[int] = field(default_factory=list)
     port: int = 0
 
@@ -94,6 +95,7 @@ class Backend:
     async def handle(self, request: Request) -> Response:
         body = b"" if request.is_websocket_upgrade() else await request.read()
         self.seen.append(Seen(request.method, request.target, request.headers, body))
+        self.arrived.set()
         return await self.behaviour(self, request, body)
 
 
@@ -371,9 +373,11 @@ async def proxied(
     api_keys: ApiKeys | None = None,
     rate_limits: RateLimits | None = None,
     extra_nodes: Sequence[tuple[str, str, tuple[str, ...]]] = (),
+    unregistered: Sequence[Backend] = (),
 ) -> AsyncIterator[Harness]:
     """Serve *backends* and a proxy in front of them, registered in pool order.
 
+    :param unregistered: backends served too, left for the test to register.
     :param extra_nodes: ``(name, address, models)`` registered after the
         backends (a refused address, say); registered first when the name
         starts with ``"first"``.
@@ -381,7 +385,7 @@ async def proxied(
     pool = Pool(PoolSettings(slow_start=0.0))
     registry = Registry()
     async with anyio.create_task_group() as tg, HTTPClient() as client:
-        for backend in backends:
+        for backend in (*backends, *unregistered):
             info: ServerInfo = await tg.start(functools.partial(serve, backend.handle, port=0))
             backend.port = info.port
         app = ServiceApp(
