@@ -79,6 +79,7 @@ class Backend:
     disconnected: anyio.Event = field(default_factory=anyio.Event)
     arrived: anyio.Event = field(default_factory=anyio.Event)  # set by the first request
     ws_closes: list[int] = field(default_factory=list)
+    ws_closed: anyio.Event = field(default_factory=anyio.Event)  # set with the first close
     port: int = 0
 
     @property
@@ -279,6 +280,7 @@ async def ws_echo(backend: Backend, request: Request, body: bytes) -> Response:
         finally:
             if websocket.close_code is not None:
                 backend.ws_closes.append(websocket.close_code)
+                backend.ws_closed.set()
 
     offered = request.headers.get("sec-websocket-protocol")
     chosen = offered.split(",")[0].strip() if offered else None
