@@ -32,23 +32,28 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import pathlib
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import anyio
 import anyio.abc
 from inferno_health.checkers import HealthChecker
 
 from inferno.errors import ConfigError, ConfigProblem
-from inferno.http import Handler, ServerInfo, ServerLimits, serve, server_ssl_context
+from inferno.http import ServerInfo, ServerLimits, serve, server_ssl_context
+from inferno.http.client import HTTPClient
 from inferno.http.server import TLSConfigError
 from inferno.lifecycle import RoleContext
 from inferno.metrics import Registry
 from inferno.plugins import Named, collect_named
 from inferno.protocol import format_address, parse_address
+from inferno_proxy.auth import ApiKeyFileError, ApiKeys, RateLimits
+from inferno_proxy.budget import RetryBudget
+from inferno_proxy.forward import ServiceApp
 from inferno_proxy.healthloop import ChangeReporter, HealthLoop
 from inferno_proxy.ops import MAX_OPS_BODY_BYTES, OpsApp, ServiceLoad
 from inferno_proxy.policies import RoutingPolicy
@@ -67,15 +72,23 @@ STOP_RESERVE: Final = 3.0
 OPS_WRITE_GRACE: Final = 2.0
 #: The operations port's own limits: small bodies (registrations), few clients.
 OPS_LIMITS: Final = ServerLimits(max_body_bytes=MAX_OPS_BODY_BYTES, max_connections=1024)
+#: Connections kept per node for forwarded requests: above one node's concurrency
+#: (a backend's default max_concurrency is 64, and streams hold theirs for minutes).
+UPSTREAM_CONNECTIONS_PER_NODE: Final = 1024
+#: Seconds an unused upstream connection stays open: below the backend server's
+#: keep-alive timeout (60 s), so the proxy, not the node, closes it.
+UPSTREAM_IDLE_TIMEOUT: Final = 30.0
 _LOCAL_NAMES: Final = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 
 @dataclass(frozen=True, slots=True)
 class ProxyInfo:
-    """Where a started proxy listens."""
+    """Where a started proxy listens, and its two handlers (to reload or inspect them)."""
 
     service: ServerInfo
     ops: ServerInfo
+    app: ServiceApp
+    ops_app: OpsApp
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +111,8 @@ class ProxyParts:
 async def run(ctx: RoleContext) -> None:
     """``inferno proxy``: serve until ``ctx.stopping``, then drain and return.
 
+    On SIGHUP the API key file is read again (a bad file keeps the old keys).
+
     :raises ConfigError: naming every bad setting (the CLI exits 2).
     """
     settings = ProxySettings.from_section(ctx.config.section("proxy"))
@@ -105,15 +120,44 @@ async def run(ctx: RoleContext) -> None:
     checkers = collect_named(ctx.plugins, "inferno_health_checkers")
     check_settings(settings, ctx.config.source, policies=policies, checkers=checkers)
     ssl_context = _service_ssl_context(settings, ctx.config.source)
+    api_keys = _load_api_keys(settings, ctx.config.source)
     parts = _make_parts(ctx, settings, policies, checkers)
-    await serve_proxy(
-        settings,
-        parts,
-        registry=ctx.metrics,
-        stopping=ctx.stopping,
-        shutdown_timeout=ctx.shutdown_timeout,
-        ssl_context=ssl_context,
-    )
+    async with anyio.create_task_group() as tg:
+        info: ProxyInfo = await tg.start(
+            functools.partial(
+                serve_proxy,
+                settings,
+                parts,
+                registry=ctx.metrics,
+                stopping=ctx.stopping,
+                shutdown_timeout=ctx.shutdown_timeout,
+                ssl_context=ssl_context,
+                api_keys=api_keys,
+            )
+        )
+        if settings.api_keys is not None:
+            ctx.on_reload(functools.partial(_reload_api_keys, settings.api_keys, info.app))
+
+
+def _load_api_keys(settings: ProxySettings, source: Callable[[str], str]) -> ApiKeys | None:
+    if settings.api_keys is None:
+        return None
+    try:
+        keys = ApiKeys.from_file(settings.api_keys)
+    except ApiKeyFileError as exc:
+        key = "proxy.api_keys"
+        raise ConfigError([ConfigProblem(key, source(key), str(exc))]) from None
+    logger.info("API keys required on the service port: %d key(s) loaded", len(keys))
+    return keys
+
+
+def _reload_api_keys(path: pathlib.Path, app: ServiceApp) -> None:
+    try:
+        app.api_keys = ApiKeys.from_file(path)
+    except ApiKeyFileError as exc:
+        logger.error("API keys not reloaded, the previous ones stay: %s", exc)
+        return
+    logger.info("API keys reloaded: %d key(s)", len(app.api_keys))
 
 
 def check_settings(
@@ -236,6 +280,7 @@ async def serve_proxy(
     stopping: anyio.Event,
     shutdown_timeout: float = 30.0,
     ssl_context: ssl.SSLContext | None = None,
+    api_keys: ApiKeys | None = None,
     tick_interval: float | None = None,
     clock: Callable[[], float] = time.monotonic,
     task_status: anyio.abc.TaskStatus[ProxyInfo] = anyio.TASK_STATUS_IGNORED,
@@ -245,15 +290,37 @@ async def serve_proxy(
     Closes the checkers of ``parts`` when it returns.  Reports a
     :class:`ProxyInfo` once both ports listen.
 
+    :param api_keys: accepted client keys; ``None`` leaves the service port open.
     :param tick_interval: seconds between two pool ticks (default
         :data:`~inferno_proxy.nodes.TICK_INTERVAL`; tests pass less).
     :param clock: monotonic seconds, shared by the pool's every driver.
     :raises OSError: when a port cannot be bound.
     """
     pool = Pool(settings.pool_settings())
+    reporter = ChangeReporter(pool, registry)
     try:
-        async with _DataPath(settings, pool, parts.policy, registry, clock) as data:
-            reporter = ChangeReporter(pool, registry, on_change=data.pool_changed)
+        async with HTTPClient(
+            max_connections_per_origin=UPSTREAM_CONNECTIONS_PER_NODE,
+            idle_timeout=UPSTREAM_IDLE_TIMEOUT,
+        ) as client:
+            app = ServiceApp(
+                pool,
+                parts.policy,
+                client,
+                RetryBudget(ratio=settings.retry_ratio),
+                settings.forward_settings(),
+                registry,
+                api_keys=api_keys,
+                rate_limits=RateLimits.build(
+                    per_key=settings.rate_limit_per_key,
+                    per_ip=settings.rate_limit_per_ip,
+                    burst=settings.rate_limit_burst,
+                ),
+                clock=clock,
+                # The data path wakes its own waiters; the reporter only tells.
+                on_pool_changes=functools.partial(reporter.report, notify=False),
+            )
+            reporter.on_change = app.pool_changed
             for address in settings.backends:
                 reporter.report(pool.add_static(str(address), clock()))
             ops = OpsApp(
@@ -261,7 +328,7 @@ async def serve_proxy(
                 reporter=reporter,
                 registry=registry,
                 shared_secret=settings.shared_secret,
-                load=data.load,
+                load=functools.partial(_service_load, app, registry),
                 clock=clock,
             )
             health = HealthLoop(
@@ -279,7 +346,7 @@ async def serve_proxy(
                 settings,
                 ops,
                 health,
-                data.handle,
+                app,
                 ssl_context,
                 stopping,
                 _drain_budget(shutdown_timeout),
@@ -297,7 +364,7 @@ async def _serve(
     settings: ProxySettings,
     ops: OpsApp,
     health: HealthLoop,
-    handler: Handler,
+    app: ServiceApp,
     ssl_context: ssl.SSLContext | None,
     stopping: anyio.Event,
     drain_budget: float,
@@ -327,7 +394,7 @@ async def _serve(
             service: ServerInfo = await service_group.start(
                 functools.partial(
                     serve,
-                    handler,
+                    app.handle,
                     host=settings.host,
                     port=settings.port,
                     limits=settings.server_limits(),
@@ -343,7 +410,7 @@ async def _serve(
                 format_address(service.host, service.port),
                 format_address(ops_info.host, ops_info.port),
             )
-            task_status.started(ProxyInfo(service, ops_info))
+            task_status.started(ProxyInfo(service, ops_info, app, ops))
             await stopping.wait()
             logger.info("proxy stopping: draining requests in flight for up to %gs", drain_budget)
             ops.start_draining()
@@ -355,36 +422,20 @@ async def _serve(
 # -- the data path ----------------------------------------------------------------------------
 
 
-class _DataPath:
-    """The service port's handler over the pool, and what the operations port reads of it."""
-
-    def __init__(
-        self,
-        settings: ProxySettings,
-        pool: Pool,
-        policy: RoutingPolicy,
-        registry: Registry,
-        clock: Callable[[], float],
-    ) -> None:
-        self.settings = settings
-        self.pool = pool
-        self.policy = policy
-        self.registry = registry
-        self.clock = clock
-
-    async def __aenter__(self) -> _DataPath:
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        return None
-
-    def pool_changed(self) -> None:
-        """The pool changed: requests waiting for a node look again."""
-
-    def load(self) -> ServiceLoad:
-        return ServiceLoad()
-
-    async def handle(self, request: Any) -> Any:
-        from inferno.errors import HTTPError
-
-        raise HTTPError(503, "no data path", code="no_data_path")
+def _service_load(app: ServiceApp, registry: Registry) -> ServiceLoad:
+    """The data path's figures for the proxy's vitals (read per ``GET /metrics``)."""
+    failed = backoff = 0
+    family = registry.snapshot().get("inferno_proxy_requests_total", {})
+    for series in family.get("series", ()):
+        status = str(series.get("labels", {}).get("status", ""))
+        count = int(series.get("value") or 0)
+        if status in ("429", "503"):
+            backoff += count  # answered with Retry-After: come back later
+        elif status.startswith("5"):
+            failed += count
+    return ServiceLoad(
+        in_flight=app.in_flight(),
+        queued=app.queue.total(),
+        failed_responses=failed,
+        backoff_requests=backoff,
+    )

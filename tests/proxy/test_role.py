@@ -23,6 +23,7 @@ import anyio
 import anyio.abc
 import pytest
 from inferno_health.checkers import HTTPChecker, VitalsChecker
+from inferno_proxy.auth import ApiKeys
 from inferno_proxy.policies import LeastRequests
 from inferno_proxy.role import ProxyInfo, ProxyParts, check_settings, is_loopback, serve_proxy
 from inferno_proxy.settings import ProxySettings
@@ -153,6 +154,60 @@ async def test_the_proxy_checks_static_backends_takes_registrations_and_stops_by
     assert not tg.cancel_scope.cancel_called  # serve_proxy returned by itself
 
 
+async def test_a_request_to_the_service_port_reaches_a_registered_node(tmp_path: Path) -> None:
+    node = Node("registered")
+    keys = tmp_path / "keys.txt"
+    keys.write_text("team-a:sk-test-key-0123456789\n")
+    stopping = anyio.Event()
+    async with (
+        running(node) as node_info,
+        HTTPClient() as http,
+        anyio.create_task_group() as tg,
+    ):
+        info: ProxyInfo = await tg.start(
+            functools.partial(
+                serve_proxy,
+                ProxySettings(health_interval=0.05, queue_timeout=0.0),
+                parts(),
+                registry=Registry(),
+                stopping=stopping,
+                shutdown_timeout=WAIT,
+                api_keys=ApiKeys.from_file(keys),
+            )
+        )
+        service = f"http://127.0.0.1:{info.service.port}"
+        ops = f"http://127.0.0.1:{info.ops.port}"
+        chat = json.dumps({"model": "tiny", "messages": []}).encode()
+        refused = await http.request("POST", f"{service}/v1/chat/completions", body=chat)
+        assert refused.status == 401  # API keys are required
+        authorized = [("authorization", "Bearer sk-test-key-0123456789")]
+        nobody = await http.request(
+            "POST", f"{service}/v1/completions", headers=authorized, body=b"{}"
+        )
+        assert nobody.status == 503  # no node yet, and no waiting (queue_timeout 0)
+        assert nobody.headers.get("retry-after") is not None
+        answer = await http.request(
+            "POST", f"{ops}/register", body=registration("node-r", node_info.port)
+        )
+        assert answer.status == 200
+        response = await http.request(
+            "POST", f"{service}/v1/chat/completions", headers=authorized, body=chat
+        )
+        assert response.status == 200, await response.read()
+        assert await response.json() == {"served_by": "registered", "model": "tiny"}
+        assert node.requests.count("/v1/chat/completions") == 1
+        models = await http.request("GET", f"{service}/v1/models", headers=authorized)
+        assert [m["id"] for m in (await models.json())["data"]] == ["tiny"]
+        vitals = await (await http.request("GET", f"{ops}/metrics")).json()
+        assert vitals["requests_in_progress"] == 0
+        assert vitals["backoff_requests"] == 1  # the 503 above
+        assert vitals["failed_responses"] == 0
+        telemetry = await http.request("GET", f"{ops}/telemetry")
+        text = (await telemetry.read()).decode()
+        assert 'inferno_proxy_requests_total{route="/v1/chat/completions",status="200"' in text
+        stopping.set()
+
+
 # --- settings ------------------------------------------------------------------------------------
 
 
@@ -258,6 +313,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         (["--tls-cert", "/nonexistent/cert.pem"], "proxy.tls_cert"),
         (["--backends", "nohost"], "proxy.backends"),
         (["--health-interval", "0s"], "proxy.health_interval"),
+        (["--api-keys", "/nonexistent/keys.txt"], "proxy.api_keys"),
     ],
 )
 def test_bad_settings_exit_2_naming_the_key(
@@ -352,6 +408,10 @@ async def test_the_proxy_process_takes_registrations_and_exits_0_on_sigterm() ->
                     peers = (await (await http.request("GET", f"{ops}/peers")).json())["peers"]
                     assert [p["id"] for p in peers] == ["node-r"]
                     await eventually(lambda: _checked(node))
+                    service = f"http://127.0.0.1:{found.group(2)}"
+                    chat = json.dumps({"model": "tiny", "messages": []}).encode()
+                    routed = await http.request("POST", f"{service}/v1/chat/completions", body=chat)
+                    assert (await routed.json())["served_by"] == "registered"
                     process.send_signal(signal.SIGTERM)
                     status = await process.wait()
             finally:
