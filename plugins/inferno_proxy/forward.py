@@ -46,10 +46,9 @@ and clients that left are neutral.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import unquote
@@ -73,10 +72,12 @@ from inferno.metrics import Registry
 from inferno_proxy.auth import ApiKeys, RateLimits
 from inferno_proxy.budget import RetryBudget, retry_after_header
 from inferno_proxy.nodes import Lease, Node, NodeChange, Outcome
-from inferno_proxy.policies import RoutingPolicy, affinity_key
+from inferno_proxy.policies import RoutingPolicy
 from inferno_proxy.pool import Pool
 from inferno_proxy.proxyheaders import HeaderRules
-from inferno_proxy.servicemetrics import RouteMetrics, ServiceMetrics
+from inferno_proxy.relay import Opened, Relay, close_stream, status_outcome
+from inferno_proxy.requestinfo import Exchange, inspect_body, model_not_found, read_body
+from inferno_proxy.servicemetrics import ServiceMetrics
 from inferno_proxy.waitqueue import WaitQueue
 
 __all__ = ["DEFAULT_SECURITY_HEADERS", "ForwardSettings", "ServiceApp"]
@@ -91,19 +92,6 @@ DEFAULT_SECURITY_HEADERS: Final = (
 )
 RETRY_STATUSES: Final = frozenset({429, 502, 503})  # the node refused or failed before answering
 FAILED_RETRY_AFTER: Final = 1.0  # seconds, Retry-After of a 503 when every node tried failed
-_JSON_SNIFF_BYTES: Final = 64  # leading bytes looked at to guess JSON without a Content-Type
-# Routes counted by name; any other path counts as "other" (paths are unbounded).
-_ROUTES: Final = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/models",
-        "/v1/responses",
-        "/v1/ws",
-        "/health",
-    }
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,29 +152,6 @@ class ForwardSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
 
 
-class Exchange:
-    """One client request on its way through the proxy (what every step needs)."""
-
-    __slots__ = ("client_ip", "model", "request", "request_id", "route", "started")
-
-    def __init__(self, request: Request, started: float, client_ip: str, request_id: bytes):
-        self.request = request
-        self.started = started
-        self.client_ip = client_ip
-        self.request_id = request_id
-        path = request.path
-        self.route = path if path in _ROUTES else "other"
-        self.model = ""  # the metrics label: a model the pool knows, "unknown", or ""
-
-    @property
-    def target(self) -> str:
-        """The request-target to send upstream (origin form)."""
-        request = self.request
-        if request.target.startswith("/"):
-            return request.target
-        return request.path + ("?" + request.query if request.query else "")
-
-
 @dataclass(slots=True)
 class _Failed:
     """An attempt that failed before any byte went to the client."""
@@ -196,24 +161,13 @@ class _Failed:
     code: str
     retryable: bool
     reason: str  # metrics label
-    opened: _Opened | None = None  # an upstream answer (429/502/503) to pass on instead
+    opened: Opened | None = None  # an upstream answer (429/502/503) to pass on instead
 
     def error(self) -> HTTPError:
         headers = [("retry-after", retry_after_header(FAILED_RETRY_AFTER))]
         return HTTPError(
             self.status, self.message, code=self.code, headers=headers if self.status == 503 else []
         )
-
-
-@dataclass(slots=True)
-class _Opened:
-    """An upstream response whose head (and first chunk, or whole body) arrived."""
-
-    cm: Any  # the client's stream context, closed through close_stream()
-    response: ClientResponse
-    lease: Lease
-    first: bytes | None = None  # the first body chunk, still to be relayed
-    whole: bytes | None = None  # the whole body, when read before answering
 
 
 class ServiceApp:
@@ -253,7 +207,7 @@ class ServiceApp:
         on_pool_changes: Callable[[tuple[NodeChange, ...]], None] | None = None,
     ) -> None:
         self.pool = pool
-        self.policy = policy
+        self._policy = policy
         self.client = client
         self.budget = budget
         self.api_keys = api_keys
@@ -265,6 +219,7 @@ class ServiceApp:
         self.created = int(time.time())  # the "created" of /v1/models entries
         self._in_flight = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.policy = policy
         self.reconfigure(settings)
         self.metrics.sync_nodes()
 
@@ -282,8 +237,18 @@ class ServiceApp:
         )
         self.first_byte_limit: float | None = first_byte if first_byte < read else None
         self.chunk_limit: float | None = idle if idle < read else None
-        # Affinity keys cost a prompt scan; only policies that use them get them.
-        self.wants_key = bool(getattr(self.policy, "uses_key", self.policy.name == "affinity"))
+
+    @property
+    def policy(self) -> RoutingPolicy:
+        """The routing policy; assign another to switch (a reload)."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: RoutingPolicy) -> None:
+        self._policy = policy
+        # Affinity keys cost a prompt scan: only policies that use them get them
+        # (``affinity``, or any policy with a true ``uses_key`` attribute).
+        self.wants_key = bool(getattr(policy, "uses_key", policy.name == "affinity"))
 
     def in_flight(self) -> int:
         """Requests being served now, responses still streaming included
@@ -356,90 +321,44 @@ class ServiceApp:
             from inferno_proxy.wsrelay import open_relay
 
             return await open_relay(self, exchange)
-        body = await self._read_body(request)
-        model, key = self._inspect(request, body)
+        settings = self.settings
+        body = await read_body(request, settings.max_body_bytes)
+        model, key = inspect_body(
+            request, body, wants_key=self.wants_key, prefix_chars=settings.affinity_prefix_chars
+        )
         if model is not None:
-            if not self.pool.serves(model):
-                exchange.model = "unknown"
-                raise HTTPError(
-                    404,
-                    f"the model {model!r} does not exist or no node serves it",
-                    type_="invalid_request_error",
-                    code="model_not_found",
-                )
-            exchange.model = model
+            self.check_model(exchange, model)
         return await self._forward(exchange, body, model, key)
 
+    def check_model(self, exchange: Exchange, model: str) -> None:
+        """Label the exchange with *model*.
+
+        :raises HTTPError: 404 ``model_not_found`` when no node, in any state, serves it.
+        """
+        if not self.pool.serves(model):
+            exchange.model = "unknown"
+            raise model_not_found(model)
+        exchange.model = model
+
     def _models(self, exchange: Exchange) -> Response:
+        """``GET /v1/models`` (the models of the nodes in rotation) and ``/v1/models/{id}``."""
         path = exchange.request.path
         models = self.pool.models()
-        if path == "/v1/models":
-            listing = {"object": "list", "data": [self._model_object(m) for m in models]}
-            return self.headers.decorate(Response.json(listing), exchange.request_id)
-        name = unquote(path[len("/v1/models/") :])
-        if name not in models:
-            raise HTTPError(
-                404,
-                f"the model {name!r} does not exist or no node serves it",
-                type_="invalid_request_error",
-                code="model_not_found",
-            )
-        exchange.model = name
-        return self.headers.decorate(Response.json(self._model_object(name)), exchange.request_id)
+        if path in ("/v1/models", "/v1/models/"):
+            document: dict[str, Any] = {
+                "object": "list",
+                "data": [self._model_object(m) for m in models],
+            }
+        else:
+            name = unquote(path[len("/v1/models/") :])
+            if name not in models:
+                raise model_not_found(name)
+            exchange.model = name
+            document = self._model_object(name)
+        return self.headers.decorate(Response.json(document), exchange.request_id)
 
     def _model_object(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "inferno"}
-
-    async def _read_body(self, request: Request) -> bytes | None:
-        """The whole request body (``None`` when it has none), within ``max_body_bytes``."""
-        headers = request.headers
-        length = headers.get("content-length")
-        limit = self.settings.max_body_bytes
-        if length is None:
-            if "transfer-encoding" not in headers:
-                return None
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise _too_large(limit)
-                chunks.append(chunk)
-            return b"".join(chunks)
-        if int(length) > limit:  # h11 checked that it is digits
-            raise _too_large(limit)
-        return await request.read()
-
-    def _inspect(self, request: Request, body: bytes | None) -> tuple[str | None, str | None]:
-        """``(model, affinity key)``: JSON is parsed only for a POST that carries JSON."""
-        session = request.headers.get("x-session-id") if self.wants_key else None
-        if not body or request.method != "POST":
-            return None, affinity_key(session, None) if session else None
-        content_type = request.headers.get("content-type")
-        if content_type is None:
-            sniffed = body[:_JSON_SNIFF_BYTES].lstrip()[:1] == b"{"
-            if not sniffed:
-                return None, affinity_key(session, None) if session else None
-        elif "json" not in content_type.lower():
-            return None, affinity_key(session, None) if session else None
-        try:
-            document = json.loads(body)
-        except ValueError as exc:  # UnicodeDecodeError included
-            if content_type is None:  # only guessed: let the node judge it
-                return None, None
-            raise HTTPError(
-                400, f"request body is not valid JSON: {exc}", code="invalid_json"
-            ) from None
-        if not isinstance(document, dict):
-            return None, None
-        model = document.get("model")
-        if model is not None and not isinstance(model, str):
-            raise HTTPError(400, "'model' must be a string", code="invalid_type")
-        if not self.wants_key:
-            return model, None
-        return model, affinity_key(
-            session, document, prefix_chars=self.settings.affinity_prefix_chars
-        )
 
     # --- choosing a node ----------------------------------------------------------------
 
@@ -448,7 +367,7 @@ class ServiceApp:
         candidates = self.pool.eligible(model).candidates
         if not candidates:
             return None
-        return self.policy.choose(candidates, key=key, now=self.clock(), exclude=exclude)
+        return self._policy.choose(candidates, key=key, now=self.clock(), exclude=exclude)
 
     async def first_node(self, model: str | None, key: str | None) -> Node:
         """The node for a request's first attempt, waiting in the queue when there is none.
@@ -510,7 +429,7 @@ class ServiceApp:
                     return self._respond(exchange, opened)
                 raise result.error()
             if opened is not None:
-                self.finish(opened.lease, _status_outcome(opened.response.status))
+                self.finish(opened.lease, status_outcome(opened.response.status))
                 await close_stream(opened.cm)
             logger.debug(
                 "retrying %s on %s after %s from %s",
@@ -534,7 +453,7 @@ class ServiceApp:
             body=body,
             timeouts=self.timeouts,
         )
-        opened: _Opened | None = None
+        opened: Opened | None = None
         try:
             limit = self.first_byte_limit
             if limit is None:
@@ -567,11 +486,11 @@ class ServiceApp:
             )
         return self._respond(exchange, opened)
 
-    async def _open(self, cm: Any, lease: Lease) -> _Opened:
+    async def _open(self, cm: Any, lease: Lease) -> Opened:
         """Send the request; wait for the head and the first chunk (or whole small body)."""
         response: ClientResponse = await cm.__aenter__()
         self._progress(lease)
-        opened = _Opened(cm, response, lease)
+        opened = Opened(cm, response, lease)
         if response.status in RETRY_STATUSES:
             return opened  # decided on the status alone
         length = response.headers.get("content-length")
@@ -595,151 +514,25 @@ class ServiceApp:
         if changes:
             self.note_changes(changes)
 
-    def _respond(self, exchange: Exchange, opened: _Opened) -> Response:
+    def _respond(self, exchange: Exchange, opened: Opened) -> Response:
         """The client's response for an opened upstream answer."""
         upstream = opened.response
         status = upstream.status
         headers = self.headers.downstream(upstream.headers.raw, exchange.request_id)
         if opened.whole is not None:
-            self.finish(opened.lease, _status_outcome(status))
+            self.finish(opened.lease, status_outcome(status))
             return Response(status, headers, opened.whole)
         relay = Relay(self, exchange, opened, self.metrics.route(exchange.route))
         return Response(status, headers, relay)
 
-    def _abandoned(self, relay: Relay) -> None:
-        """A relay was dropped without being closed: release what it holds (see Relay)."""
+    def request_done(self) -> None:
+        """A streamed response ended (called by its :class:`~inferno_proxy.relay.Relay`)."""
+        self._in_flight -= 1
+
+    def abandoned(self, relay: Relay) -> None:
+        """A relay was dropped unclosed (from its finaliser): release it from the loop."""
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon(relay.abandon)
-
-
-class Relay:
-    """The body of a forwarded response: the node's chunks, each passed on as it arrives.
-
-    The server iterates it and calls :meth:`aclose` when it stops early (the
-    client went away, or the server is shutting down).  A server that drops
-    the body without either (its head write failed) leaves the finaliser to
-    give the lease and the upstream connection back.
-    """
-
-    __slots__ = ("_app", "_done", "_exchange", "_iterator", "_opened", "_route")
-
-    def __init__(
-        self, app: ServiceApp, exchange: Exchange, opened: _Opened, route: RouteMetrics
-    ) -> None:
-        self._app = app
-        self._exchange = exchange
-        self._opened = opened
-        self._route = route
-        self._iterator = opened.response.iter_bytes()
-        self._done = False
-
-    def __aiter__(self) -> Relay:
-        return self
-
-    async def __anext__(self) -> bytes:
-        opened = self._opened
-        first = opened.first
-        if first is not None:
-            opened.first = None
-            return first
-        if self._done:
-            raise StopAsyncIteration
-        app = self._app
-        try:
-            limit = app.chunk_limit
-            if limit is None:
-                chunk = await self._iterator.__anext__()
-            else:
-                chunk = b""
-                with anyio.move_on_after(limit) as scope:
-                    chunk = await self._iterator.__anext__()
-                if scope.cancelled_caught:
-                    raise ClientTimeout(f"no chunk for {limit:g} s", request_sent=True)
-        except StopAsyncIteration:
-            self._end(_status_outcome(opened.response.status))
-            raise
-        except ClientError as exc:
-            node = opened.lease.node
-            logger.warning(
-                "response %s from %s broke mid-stream: %s",
-                self._exchange.request_id.decode("latin-1"),
-                node.id,
-                exc,
-            )
-            app.metrics.upstream_failures.labels("mid_stream").inc()
-            self._end(Outcome.TRANSPORT_FAILURE, f"mid-stream: {exc}")
-            await close_stream(opened.cm)
-            raise UpstreamBroke(f"{node.id} broke the response mid-stream: {exc}") from exc
-        changes = app.pool.progress(opened.lease, app.clock())
-        if changes:
-            app.note_changes(changes)
-        return chunk
-
-    async def aclose(self) -> None:
-        """The server stopped early: the client went away, or shutdown."""
-        if not self._done:
-            self._end(Outcome.NEUTRAL, "client went away")
-        await close_stream(self._opened.cm)
-
-    def _end(self, outcome: Outcome, reason: str = "") -> None:
-        if self._done:
-            return
-        self._done = True
-        app = self._app
-        app._in_flight -= 1
-        app.finish(self._opened.lease, outcome, reason)
-        self._route.duration.observe(app.clock() - self._exchange.started)
-
-    def abandon(self) -> None:
-        """Release the lease and the connection of a relay nobody will iterate or close."""
-        if not self._done:
-            self._end(Outcome.NEUTRAL, "response abandoned")
-            _run_to_end(self._opened.cm.__aexit__(None, None, None))
-
-    def __del__(self) -> None:
-        if not self._done:
-            self._app._abandoned(self)
-
-
-class UpstreamBroke(anyio.BrokenResourceError):
-    """Raised from a relayed body when the node failed after the client's response began.
-
-    A subclass of :class:`anyio.BrokenResourceError` because that is what the
-    server treats as "this response cannot go on": it closes the connection
-    without ending the body, so the client sees it cut short.
-    """
-
-
-async def close_stream(cm: Any) -> None:
-    """Close a client stream context, whatever state it is in (shielded: cleanup)."""
-    with anyio.CancelScope(shield=True):
-        await cm.__aexit__(None, None, None)
-
-
-def _run_to_end(coroutine: Coroutine[Any, Any, Any]) -> None:
-    """Run a coroutine that never suspends (the client's close) outside the event loop's
-    scheduling, as a finaliser must; one that would suspend is abandoned."""
-    try:
-        coroutine.send(None)
-    except StopIteration:
-        return
-    except Exception:
-        logger.exception("closing an abandoned upstream response failed")
-        return
-    coroutine.close()
-
-
-def _too_large(limit: int) -> HTTPError:
-    return HTTPError(413, f"request body is larger than {limit} bytes", code="request_too_large")
-
-
-def _status_outcome(status: int) -> Outcome:
-    """How a node's answer counts for its health: 5xx fail it, 503 is backpressure."""
-    if status < 400:
-        return Outcome.SUCCESS
-    if status < 500 or status == 503:
-        return Outcome.NEUTRAL
-    return Outcome.SERVER_ERROR
 
 
 def _error_outcome(exc: ClientError) -> Outcome:

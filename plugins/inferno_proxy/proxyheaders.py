@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Final
 from inferno.http import Request, Response
 
 if TYPE_CHECKING:
-    from inferno_proxy.forward import Exchange
+    from inferno_proxy.requestinfo import Exchange
 
 __all__ = ["HOP_BY_HOP", "HeaderRules", "connection_tokens", "new_request_id"]
 

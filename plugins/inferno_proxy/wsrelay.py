@@ -47,7 +47,8 @@ from inferno_proxy.nodes import Outcome
 from inferno_proxy.policies import affinity_key
 
 if TYPE_CHECKING:
-    from inferno_proxy.forward import Exchange, ServiceApp
+    from inferno_proxy.forward import ServiceApp
+    from inferno_proxy.requestinfo import Exchange
 
 __all__ = ["close_code", "open_relay", "relay"]
 
@@ -132,15 +133,7 @@ async def open_relay(app: ServiceApp, exchange: Exchange) -> Response:
     models = parse_qs(request.query).get("model")
     model = models[0] if models else None
     if model is not None:
-        if not app.pool.serves(model):
-            exchange.model = "unknown"
-            raise HTTPError(
-                404,
-                f"the model {model!r} does not exist or no node serves it",
-                type_="invalid_request_error",
-                code="model_not_found",
-            )
-        exchange.model = model
+        app.check_model(exchange, model)
     session = request.headers.get("x-session-id")
     key = affinity_key(session, None) if session and app.wants_key else None
     app.budget.record_request(app.clock())
