@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import pytest
+import trustme
 from inferno_health.checkers import HTTPChecker, VitalsChecker
 from inferno_proxy.auth import ApiKeys
 from inferno_proxy.policies import LeastRequests
@@ -427,3 +429,64 @@ async def test_the_proxy_process_takes_registrations_and_exits_0_on_sigterm() ->
 
 async def _checked(node: Node) -> bool:
     return "/metrics" in node.requests
+
+
+async def test_tls_on_the_service_port_and_api_keys_reloaded_on_sighup(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file, keys = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "keys"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    keys.write_text("old:sk-old-key-0123456789\n")
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    lines: list[dict[str, Any]] = []
+    listening = anyio.Event()
+    command = [
+        sys.executable,
+        "-m",
+        "inferno",
+        "proxy",
+        "--port=0",
+        "--ops-port=0",
+        f"--tls-cert={cert_file}",
+        f"--tls-key={key_file}",
+        f"--api-keys={keys}",
+    ]
+
+    async def models(http: HTTPClient, url: str, key: str) -> int:
+        headers = [("authorization", f"Bearer {key}")]
+        return (await http.request("GET", f"{url}/v1/models", headers=headers)).status
+
+    async with (
+        HTTPClient(ssl_context=client_context) as http,
+        await anyio.open_process(command, env=proxy_env(), cwd=ROOT) as process,
+    ):
+        assert process.stderr is not None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_lines, process.stderr, lines, listening)
+            try:
+                with anyio.fail_after(WAIT):
+                    await listening.wait()
+                    (found,) = [m for r in lines if (m := LISTENING.search(str(r.get("message"))))]
+                    service = f"https://127.0.0.1:{found.group(2)}"
+                    assert await models(http, service, "sk-old-key-0123456789") == 200
+                    assert await models(http, service, "sk-new-key-0123456789") == 401
+                    keys.write_text("new:sk-new-key-0123456789\n")
+                    process.send_signal(signal.SIGHUP)
+
+                    async def reloaded() -> bool:
+                        return await models(http, service, "sk-new-key-0123456789") == 200
+
+                    await eventually(reloaded)
+                    assert await models(http, service, "sk-old-key-0123456789") == 401
+                    process.send_signal(signal.SIGTERM)
+                    status = await process.wait()
+            finally:
+                if process.returncode is None:
+                    process.kill()
+            tg.cancel_scope.cancel()
+    log = "\n".join(str(r.get("message")) for r in lines)
+    assert status == 0, log
+    assert "API keys reloaded: 1 key(s)" in log
+    assert "sk-old-key" not in log
