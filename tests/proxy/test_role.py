@@ -271,6 +271,15 @@ def test_plugin_names_are_checked_against_the_plugins() -> None:
     assert "least_requests" in refused.value.problems[0].allowed
 
 
+def test_the_plugin_offers_every_built_in_policy_lazily() -> None:
+    from inferno_proxy.plugin import POLICY_NAMES, inferno_routing_policies
+    from inferno_proxy.policies import routing_policy_factories
+
+    assert sorted(POLICY_NAMES) == sorted(routing_policy_factories())
+    for name, factory in inferno_routing_policies().items():
+        assert factory(None).name == name
+
+
 @pytest.mark.parametrize(
     ("host", "loopback"),
     [
