@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import AsyncIterator
 
 import anyio
 import openai
 import pytest
 from inferno_proxy.forward import DEFAULT_SECURITY_HEADERS, ForwardSettings
+from inferno_proxy.policies import Affinity
 
 from inferno.http.client_errors import RemoteProtocolError
 from tests.proxy.upstreams import (
@@ -134,7 +136,7 @@ async def test_a_body_over_the_limit_is_413() -> None:
         )
         assert response.status == 413
 
-        async def chunked() -> object:
+        async def chunked() -> AsyncIterator[bytes]:
             for _ in range(3):
                 yield b"y" * 50
 
@@ -281,3 +283,94 @@ async def test_a_stream_broken_after_its_first_chunk_is_cut_short_for_the_client
         assert breaker_node is not None
         assert breaker_node.health.consecutive_failures == 1  # a transport failure
         assert h.metric("inferno_proxy_upstream_failures_total", reason="mid_stream") == 1
+
+
+async def test_a_session_sticks_to_one_node_under_the_affinity_policy() -> None:
+    nodes = [Backend(f"n{i}", echo, models=("m",)) for i in range(4)]
+    async with proxied(*nodes, policy=Affinity()) as h:
+        for session in ("alice", "bob", "carol"):
+            served = set()
+            for _ in range(5):
+                response = await h.client.request(
+                    "POST",
+                    f"{h.url}/v1/chat/completions",
+                    headers={**JSON, "x-session-id": session},
+                    body=chat("m"),
+                )
+                served.add((await response.json())["node"])
+            assert len(served) == 1, session
+        # A shared prompt prefix is a key too (no session, no user).
+        served = set()
+        for _ in range(5):
+            response = await h.client.request(
+                "POST", f"{h.url}/v1/chat/completions", headers=JSON, body=chat("m")
+            )
+            served.add((await response.json())["node"])
+        assert len(served) == 1
+
+
+async def test_head_requests_and_empty_bodies_pass() -> None:
+    a = Backend("a", echo)
+    async with proxied(a) as h:
+        response = await h.client.request("HEAD", f"{h.url}/v1/x")
+        assert response.status == 200
+        assert await response.read() == b""
+        assert int(response.headers.get("content-length", "0")) > 0  # the node's, kept
+        response = await h.client.request("POST", f"{h.url}/v1/x", body=b"")
+        assert response.status == 200
+        assert a.seen[1].headers.get("content-length") == "0"
+
+
+async def test_metrics_follow_requests_nodes_and_streams() -> None:
+    a = Backend("a", gated_sse(2), models=("m",))
+    async with proxied(a) as h:
+        a.gate(1).set()
+        with anyio.fail_after(IO_TIMEOUT):
+            async with h.client.stream(
+                "POST", f"{h.url}/v1/chat/completions", headers=JSON, body=chat("m")
+            ) as response:
+                chunks = response.iter_bytes()
+                await chunks.__anext__()
+                # Mid-stream: the request is in flight at the node, and for the app.
+                assert h.metric("inferno_proxy_node_in_flight_requests", node="a") == 1
+                assert h.app.in_flight() == 1
+                a.gate(2).set()
+                async for _ in chunks:
+                    pass
+        assert h.metric("inferno_proxy_node_in_flight_requests", node="a") == 0
+        assert h.app.in_flight() == 0
+        labels = {"route": "/v1/chat/completions"}
+        assert h.metric("inferno_proxy_requests_total", status="200", model="m", **labels) == 1
+        assert h.metric("inferno_proxy_request_duration_seconds", **labels) == 1
+        assert h.metric("inferno_proxy_time_to_first_byte_seconds", **labels) == 1
+        assert h.metric("inferno_proxy_upstream_selection_seconds") == 1
+        await h.client.request("GET", f"{h.url}/some/unknown/path")
+        assert h.metric("inferno_proxy_requests_total", route="other") == 1
+        text = h.registry.render_prometheus()
+        for name in (
+            "inferno_proxy_queued_requests",
+            "inferno_proxy_retries_total",
+            "inferno_proxy_retry_budget_exhausted_total",
+            "inferno_proxy_upstream_failures_total",
+            "inferno_proxy_queue_wait_seconds",
+        ):
+            assert f"# TYPE {name} " in text
+        h.pool.remove("a", 0.0)
+        h.app.pool_changed()  # the node's series leaves with it
+        assert 'node="a"' not in h.registry.render_prometheus()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"connect_timeout": 0.0},
+        {"idle_timeout": -1.0},
+        {"max_attempts": 0},
+        {"queue_timeout": -1.0},
+        {"max_queue": -1},
+        {"max_body_bytes": 0},
+    ],
+)
+def test_settings_out_of_range_are_refused(options: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=next(iter(options))):
+        ForwardSettings(**options)  # type: ignore[arg-type]

@@ -209,8 +209,9 @@ async def break_before_body(backend: Backend, request: Request, body: bytes) -> 
     """The head of a stream, then the connection closes before any chunk."""
 
     async def steps() -> AsyncIterator[bytes]:
+        for chunk in ():  # not one chunk
+            yield chunk
         raise anyio.BrokenResourceError("the backend died")
-        yield b""  # pragma: no cover
 
     return _streaming(backend, steps)
 
