@@ -37,14 +37,14 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, TypeVar
 
 import anyio
 import anyio.abc
 from inferno_health.checkers import HealthChecker
 
-from inferno.errors import ConfigError, ConfigProblem
-from inferno.http import ServerInfo, ServerLimits, serve, server_ssl_context
+from inferno.errors import ConfigError, ConfigProblem, InfernoError
+from inferno.http import Handler, ServerInfo, ServerLimits, serve, server_ssl_context
 from inferno.http.client import HTTPClient
 from inferno.http.server import TLSConfigError
 from inferno.lifecycle import RoleContext
@@ -60,7 +60,15 @@ from inferno_proxy.policies import RoutingPolicy
 from inferno_proxy.pool import Pool
 from inferno_proxy.settings import ProxySettings
 
-__all__ = ["STOP_RESERVE", "ProxyInfo", "ProxyParts", "check_settings", "run", "serve_proxy"]
+__all__ = [
+    "STOP_RESERVE",
+    "ListenError",
+    "ProxyInfo",
+    "ProxyParts",
+    "check_settings",
+    "run",
+    "serve_proxy",
+]
 
 logger = logging.getLogger("inferno_proxy")
 
@@ -78,7 +86,12 @@ UPSTREAM_CONNECTIONS_PER_NODE: Final = 1024
 #: Seconds an unused upstream connection stays open: below the backend server's
 #: keep-alive timeout (60 s), so the proxy, not the node, closes it.
 UPSTREAM_IDLE_TIMEOUT: Final = 30.0
+E = TypeVar("E", bound=BaseException)
 _LOCAL_NAMES: Final = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+class ListenError(InfernoError):
+    """Raised when a port cannot be bound (in use, not permitted, no such address)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,21 +135,25 @@ async def run(ctx: RoleContext) -> None:
     ssl_context = _service_ssl_context(settings, ctx.config.source)
     api_keys = _load_api_keys(settings, ctx.config.source)
     parts = _make_parts(ctx, settings, policies, checkers)
-    async with anyio.create_task_group() as tg:
-        info: ProxyInfo = await tg.start(
-            functools.partial(
-                serve_proxy,
-                settings,
-                parts,
-                registry=ctx.metrics,
-                stopping=ctx.stopping,
-                shutdown_timeout=ctx.shutdown_timeout,
-                ssl_context=ssl_context,
-                api_keys=api_keys,
+    try:
+        async with anyio.create_task_group() as tg:
+            info: ProxyInfo = await tg.start(
+                functools.partial(
+                    serve_proxy,
+                    settings,
+                    parts,
+                    registry=ctx.metrics,
+                    stopping=ctx.stopping,
+                    shutdown_timeout=ctx.shutdown_timeout,
+                    ssl_context=ssl_context,
+                    api_keys=api_keys,
+                )
             )
-        )
-        if settings.api_keys is not None:
-            ctx.on_reload(functools.partial(_reload_api_keys, settings.api_keys, info.app))
+            if settings.api_keys is not None:
+                ctx.on_reload(functools.partial(_reload_api_keys, settings.api_keys, info.app))
+    except Exception as exc:
+        # A task group wraps even a failed start in an exception group: one line is enough.
+        raise _find(exc, InfernoError) or exc from None
 
 
 def _load_api_keys(settings: ProxySettings, source: Callable[[str], str]) -> ApiKeys | None:
@@ -342,22 +359,51 @@ async def serve_proxy(
                 clock=clock,
                 **({"tick_interval": tick_interval} if tick_interval else {}),
             )
-            await _serve(
-                settings,
-                ops,
-                health,
-                app,
-                ssl_context,
-                stopping,
-                _drain_budget(shutdown_timeout),
-                task_status,
-            )
+            try:
+                await _serve(
+                    settings,
+                    ops,
+                    health,
+                    app,
+                    ssl_context,
+                    stopping,
+                    _drain_budget(shutdown_timeout),
+                    task_status,
+                )
+            except Exception as exc:
+                # Task groups wrap a failed start in exception groups; say it in one line.
+                raise _find(exc, ListenError) or exc from None
     finally:
         with anyio.CancelScope(shield=True):
             await parts.checker.aclose()
             if parts.static_checker is not parts.checker:
                 await parts.static_checker.aclose()
     logger.info("proxy stopped")
+
+
+async def _listen(
+    group: anyio.abc.TaskGroup, key: str, handler: Handler, **options: Any
+) -> ServerInfo:
+    """Start :func:`serve` in ``group``; a port that cannot be bound is a :class:`ListenError`."""
+    try:
+        info: ServerInfo = await group.start(functools.partial(serve, handler, **options))
+    except OSError as exc:
+        where = format_address(options["host"], options["port"])
+        raise ListenError(
+            f"cannot listen on {where} (proxy.{key}): {exc.strerror or exc}"
+        ) from None
+    return info
+
+
+def _find(exc: BaseException, kind: type[E]) -> E | None:
+    """``exc`` or the one exception of ``kind`` inside (nested) exception groups, if any."""
+    if isinstance(exc, kind):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        found = _find(inner, kind)
+        if found is not None:
+            return found
+    return None
 
 
 async def _serve(
@@ -378,31 +424,29 @@ async def _serve(
             await health.run(task_status=task_status)
 
     async with anyio.create_task_group() as outer:
-        ops_info: ServerInfo = await outer.start(
-            functools.partial(
-                serve,
-                ops.handle,
-                host=settings.ops_host,
-                port=settings.ops_port,
-                limits=OPS_LIMITS,
-                shutdown=ops_stop,
-                shutdown_timeout=OPS_WRITE_GRACE,
-                name="proxy-ops",
-            )
+        ops_info = await _listen(
+            outer,
+            "ops_port",
+            ops.handle,
+            host=settings.ops_host,
+            port=settings.ops_port,
+            limits=OPS_LIMITS,
+            shutdown=ops_stop,
+            shutdown_timeout=OPS_WRITE_GRACE,
+            name="proxy-ops",
         )
         async with anyio.create_task_group() as service_group:
-            service: ServerInfo = await service_group.start(
-                functools.partial(
-                    serve,
-                    app.handle,
-                    host=settings.host,
-                    port=settings.port,
-                    limits=settings.server_limits(),
-                    ssl_context=ssl_context,
-                    shutdown=service_stop,
-                    shutdown_timeout=drain_budget,
-                    name="proxy",
-                )
+            service = await _listen(
+                service_group,
+                "port",
+                app.handle,
+                host=settings.host,
+                port=settings.port,
+                limits=settings.server_limits(),
+                ssl_context=ssl_context,
+                shutdown=service_stop,
+                shutdown_timeout=drain_budget,
+                name="proxy",
             )
             await outer.start(run_health)
             logger.info(

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -342,6 +343,20 @@ def test_the_open_enrolment_refusal_explains_itself(capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert "not a loopback address" in err
     assert "--open-enrollment" in err
+
+
+@pytest.mark.usefixtures("clean_env")
+@pytest.mark.parametrize("flag", ["--port", "--ops-port"])
+def test_a_port_in_use_is_one_clear_line(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["proxy", "--port=0", "--ops-port=0", f"{flag}={port}"]) == 1
+    err = capsys.readouterr().err
+    key = "proxy.port" if flag == "--port" else "proxy.ops_port"
+    assert f"inferno: error: cannot listen on 127.0.0.1:{port} ({key}): " in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.usefixtures("clean_env")
