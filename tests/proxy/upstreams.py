@@ -209,7 +209,8 @@ async def break_before_body(backend: Backend, request: Request, body: bytes) -> 
     """The head of a stream, then the connection closes before any chunk."""
 
     async def steps() -> AsyncIterator[bytes]:
-        for chunk in ():  # not one chunk
+        nothing: tuple[bytes, ...] = ()
+        for chunk in nothing:  # not one chunk
             yield chunk
         raise anyio.BrokenResourceError("the backend died")
 
