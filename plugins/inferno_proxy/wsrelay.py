@@ -45,6 +45,7 @@ from inferno.http import (
 from inferno_proxy.forward import RETRY_STATUSES
 from inferno_proxy.nodes import Outcome
 from inferno_proxy.policies import affinity_key
+from inferno_proxy.relay import status_outcome
 
 if TYPE_CHECKING:
     from inferno_proxy.forward import ServiceApp
@@ -150,7 +151,6 @@ async def open_relay(app: ServiceApp, exchange: Exchange) -> Response:
     while True:
         tried.append(node.id)
         lease = app.pool.start(node, app.clock())
-        refusal: Response | None = None
         try:
             upstream = await connect_websocket(
                 f"ws://{node.address}{exchange.target}",
@@ -159,21 +159,19 @@ async def open_relay(app: ServiceApp, exchange: Exchange) -> Response:
                 subprotocols=offered,
                 max_message_bytes=settings.max_websocket_message_bytes,
             )
-        except WebSocketHandshakeError as exc:
-            status = exc.status
-            app.finish(lease, Outcome.SERVER_ERROR if status >= 500 else Outcome.NEUTRAL)
-            retryable = status in RETRY_STATUSES
+        except WebSocketHandshakeError as exc:  # the node answered with an HTTP status
+            app.finish(lease, status_outcome(exc.status))
+            retryable = exc.status in RETRY_STATUSES
+            reason = f"status_{exc.status}"
             refused = [(n, v) for n, v in exc.headers.raw if n not in _DROPPED_REFUSAL_HEADERS]
-            refusal = Response(
-                status, app.headers.downstream(refused, exchange.request_id), exc.body
+            answer: Response | HTTPError = Response(
+                exc.status, app.headers.downstream(refused, exchange.request_id), exc.body
             )
-            reason = f"status_{status}"
-            error = HTTPError(502, f"{node.id} refused the WebSocket with {status}")
         except WebSocketError as exc:
             app.finish(lease, Outcome.TRANSPORT_FAILURE, str(exc))
             retryable = exc.temporary
             reason = "connect"
-            error = HTTPError(
+            answer = HTTPError(
                 503 if retryable else 502,
                 f"cannot open a WebSocket to {node.id}: {exc}",
                 code="no_healthy_upstream" if retryable else "bad_gateway",
@@ -188,9 +186,9 @@ async def open_relay(app: ServiceApp, exchange: Exchange) -> Response:
         app.metrics.upstream_failures.labels(reason).inc()
         following = app.next_node(model, key, tried) if retryable else None
         if following is None:
-            if refusal is not None:
-                return refusal
-            raise error
+            if isinstance(answer, HTTPError):
+                raise answer
+            return answer  # the last node's own refusal
         app.metrics.retries.labels(reason).inc()
         node = following
 
