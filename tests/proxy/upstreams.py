@@ -236,8 +236,13 @@ async def ticker(backend: Backend, request: Request, body: bytes) -> Response:
 
 
 async def slow_head(backend: Backend, request: Request, body: bytes) -> Response:
-    """Sends nothing until ``gate(0)`` is set, then echoes."""
-    await backend.gate(0).wait()
+    """Sends nothing until ``gate(0)`` is set, then echoes; a cancelled wait (its
+    client went away) sets ``disconnected``."""
+    try:
+        await backend.gate(0).wait()
+    except anyio.get_cancelled_exc_class():
+        backend.disconnected.set()
+        raise
     return await echo(backend, request, body)
 
 
