@@ -33,9 +33,15 @@ connection closes, so a chunked body is visibly truncated).
 between chunks, so a long generation that keeps streaming is never cut.
 
 **Streaming.**  Each chunk from the node is handed to the server as it
-arrives (SSE is never buffered).  A client that goes away makes the server's
-next write fail; the server then closes the body, which closes the upstream
-connection, and the node sees its client gone and stops generating.
+arrives (SSE is never buffered; :mod:`~inferno_proxy.relay`).  A client that
+goes away ends its exchange: the server cancels the handler or closes the
+body, either of which closes the upstream connection, so the node sees its
+client gone and stops generating.
+
+**Headers** follow :mod:`~inferno_proxy.proxyheaders` (hop-by-hop removed,
+``X-Forwarded-*`` and ``X-Request-Id``, security headers); request metrics
+are in :mod:`~inferno_proxy.servicemetrics`; what is read of a request
+(body, model, affinity key) in :mod:`~inferno_proxy.requestinfo`.
 
 **Outcomes** go to the pool (:meth:`Pool.finish <inferno_proxy.pool.Pool.finish>`):
 connect failures, resets and timeouts are transport failures (health and
