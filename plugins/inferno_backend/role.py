@@ -70,6 +70,11 @@ STOP_RESERVE: Final = 3.0
 WRITE_GRACE: Final = 2.0
 #: How often a starting node checks whether its engine is ready to register.
 READY_POLL: Final = 0.25
+#: Connections the ``openai`` engine may hold beyond ``max_concurrency``: a
+#: generation gives its admission slot back once its stream is closed, but a
+#: close that outlasts its bound (api.CLOSE_TIMEOUT) may still hold the
+#: connection while the slot's next request wants one.
+ENGINE_POOL_HEADROOM: Final = 8
 #: What a backend announces it can do.
 CAPABILITIES: Final = ("chat", "completions", "streaming", "websocket")
 _WILDCARDS: Final = frozenset({"", "0.0.0.0", "::", "[::]"})
@@ -172,6 +177,9 @@ def make_openai_engine(ctx: RoleContext) -> Engine:
     """The ``openai`` engine from ``[backend]`` ``engine_url``, ``engine_metrics_url``,
     ``engine_api_key`` and ``model``.
 
+    Its connection pool follows ``max_concurrency``: every admitted request
+    streams over a connection of its own.
+
     :raises ConfigError: without an ``engine_url``, or with an unusable URL.
     """
     from inferno_backend.engines.openai import OpenAIEngine
@@ -187,6 +195,7 @@ def make_openai_engine(ctx: RoleContext) -> Engine:
             models=[settings.model] if settings.model else None,
             metrics_url=settings.engine_metrics_url,
             api_key=settings.engine_api_key,
+            max_connections=settings.max_concurrency + ENGINE_POOL_HEADROOM,
         )
     except ValueError as exc:
         key = "engine_metrics_url" if settings.engine_metrics_url else "engine_url"

@@ -6,7 +6,7 @@ import functools
 import json
 import logging
 from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from inferno_backend.engines.openai import OpenAIEngine, encode_request, model_i
 from inferno_backend.engines.openaistream import MAX_EVENT_BYTES
 
 from inferno.errors import HTTPError
-from inferno.http.client import HTTPClient
+from inferno.http.client import HTTPClient, Timeouts
 from inferno.http.headers import Headers
 from inferno.http.server import Request, Response, serve
 
@@ -291,6 +291,34 @@ async def test_connections_are_reused_after_a_complete_stream(server: EngineServ
         assert client.pool_stats().opened == opened
 
 
+async def test_generations_have_max_connections_and_polls_a_client_of_their_own(
+    server: EngineServer,
+) -> None:
+    server.gated = True  # each stream sends its first token, then holds its connection
+    limit = 3
+    short_pool_wait = Timeouts(connect=5.0, read=WAIT, write=5.0, pool=0.05)
+    async with (
+        server.running() as url,
+        OpenAIEngine(
+            url, max_connections=limit, timeouts=short_pool_wait, poll_interval=0.01
+        ) as engine,
+        AsyncExitStack() as streams,
+    ):
+        for _ in range(limit):
+            stream = await streams.enter_async_context(aclosing(engine.generate(chat())))
+            with anyio.fail_after(WAIT):
+                assert (await stream.__anext__()).text == "Hel"
+        # Every generation connection is taken: one more waits for the pool and gives up ...
+        with pytest.raises(EngineError, match="no connection") as caught:
+            await collect(engine, chat())
+        assert caught.value.status == 503
+        # ... while the health polls still reach the server, and the node stays ready.
+        with anyio.fail_after(WAIT):
+            await server.wait_models_polls(2)
+        assert engine.ready()
+        assert engine.max_connections == limit
+
+
 async def test_a_server_that_ignores_stream_still_works(server: EngineServer) -> None:
     server.whole = True
     async with server.running() as url, OpenAIEngine(url, poll_interval=NEVER) as engine:
@@ -516,6 +544,7 @@ async def test_generate_needs_a_started_engine() -> None:
         ("ftp://host/", {}, "absolute http"),
         ("http://host:99999", {}, "port"),
         ("http://host", {"poll_interval": 0}, "poll_interval"),
+        ("http://host", {"max_connections": 0}, "max_connections"),
         ("http://host", {"models": [""]}, "models"),
         ("http://host", {"models": []}, "None: discover"),
         ("http://host", {"metrics_url": "nope"}, "absolute http"),
@@ -544,7 +573,7 @@ def test_model_ids_shapes() -> None:
 @pytest.mark.parametrize(
     ("fixture", "expected"),
     [
-        ("vllm.txt", EngineStats(5, 1, pytest.approx(0.30), None)),
+        ("vllm.txt", EngineStats(5, 1, pytest.approx(0.30), None)),  # type: ignore[arg-type]
         ("vllm_v0.txt", EngineStats(12, 7, 0.8734, 431.7)),
         ("sglang.txt", EngineStats(24, 9, 0.62, 1487.35)),
         ("llamacpp.txt", EngineStats(2, 4, 0.125, 39.42)),

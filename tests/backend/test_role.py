@@ -24,11 +24,12 @@ import anyio.abc
 import openai
 import pytest
 from anyio.lowlevel import checkpoint
+from inferno_backend.engines.openai import OpenAIEngine
 from inferno_backend.engines.sim import SimEngine
 from inferno_backend.gpu import GPUSampler
 from inferno_backend.plugin import BACKEND_ROLE
 from inferno_backend.profiles import load_profile
-from inferno_backend.role import BackendInfo, run, serve_backend
+from inferno_backend.role import BackendInfo, make_openai_engine, run, serve_backend
 from inferno_backend.settings import BackendSettings
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
@@ -315,6 +316,26 @@ async def test_an_unreachable_engine_server_means_not_ready() -> None:
         assert refused.status == 503
         assert (await refused.json())["error"]["code"] == "engine_unavailable"
         ctx.stopping.set()
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("backend_plugin")
+@pytest.mark.parametrize("max_concurrency", [8, 150])
+async def test_the_openai_engine_has_a_connection_per_admitted_request(
+    max_concurrency: int,
+) -> None:
+    ctx = role_context(
+        {"engine": "openai", "engine_url": "http://127.0.0.1:9"}
+        | {"max_concurrency": str(max_concurrency)}
+    )
+    engine = make_openai_engine(ctx)
+    try:
+        assert isinstance(engine, OpenAIEngine)
+        # Every admitted request streams over a connection of its own, beyond the
+        # client's default of 100 per origin too.
+        assert max_concurrency <= engine.max_connections <= max_concurrency + 16
+    finally:
+        await engine.aclose()
 
 
 # -- a real process -----------------------------------------------------------------------------

@@ -18,6 +18,13 @@ route) every ``poll_interval`` seconds, which also discovers the served
 models when none are configured; a connect error on live traffic marks the
 engine not ready at once, until the next successful poll.
 
+**Connections.**  Generations hold one pooled connection each for as long
+as they stream, so the generation pool has ``max_connections`` per origin
+(the role sizes it from ``max_concurrency``).  Health polls and metrics
+scrapes have a small client of their own: a node whose every generation
+connection is busy must still see that its engine server answers, or it
+would take itself out of rotation exactly when it is fullest.
+
 **Load** comes from the engine server's Prometheus metrics, scraped on the
 same interval in the background (never on the request path) and read by
 :mod:`~inferno_backend.engines.enginemetrics`; a server without metrics works
@@ -53,7 +60,7 @@ from inferno_backend.engines.openaistream import (
     failure_from_answer,
 )
 
-__all__ = ["GENERATE_TIMEOUTS", "POLL_TIMEOUTS", "OpenAIEngine"]
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "GENERATE_TIMEOUTS", "POLL_TIMEOUTS", "OpenAIEngine"]
 
 logger = logging.getLogger("inferno_backend.openai")
 
@@ -63,6 +70,13 @@ GENERATE_TIMEOUTS: Final = Timeouts(connect=5.0, read=300.0, write=30.0, pool=10
 #: Deadlines of a health poll or metrics scrape: a server slower than this is
 #: not "answering" for readiness purposes.
 POLL_TIMEOUTS: Final = Timeouts(connect=2.0, read=5.0, write=5.0, pool=5.0, total=10.0)
+#: Connections to the engine server for generations, by default: one per
+#: generation in flight, so well above any engine server's batch size.  The
+#: role passes ``max_concurrency`` plus a little headroom instead.
+DEFAULT_MAX_CONNECTIONS: Final = 1024
+#: Connections of the poll client per origin: the health poll and the metrics
+#: scrape, which may run at the same moment (both at start).
+POLL_CONNECTIONS: Final = 2
 #: Largest error answer read for its message; the rest is not worth waiting for.
 MAX_ERROR_BODY_BYTES: Final = 64 * 1024
 #: Largest ``/v1/models`` answer (thousands of Ollama models fit).
@@ -100,12 +114,16 @@ class OpenAIEngine:
         ``<engine_url>/metrics``).
     :param api_key: sent to the engine server as ``Authorization: Bearer``
         (to the metrics URL only when it is on the same origin); never logged.
-    :param client: the HTTP client to use (the caller keeps closing it); by
-        default the engine owns one.
+    :param client: the HTTP client for generations (the caller keeps closing
+        it); by default the engine owns one with ``max_connections`` per origin.
+        Polls always use a small client of the engine's own.
+    :param max_connections: connections to the engine server for generations,
+        at most: one per generation in flight (more wait up to ``timeouts.pool``).
     :param poll_interval: seconds between health polls and metrics scrapes.
     :param timeouts: deadlines of a generation request.
     :param poll_timeouts: deadlines of a health poll or metrics scrape.
-    :raises ValueError: for an unusable URL or a non-positive ``poll_interval``.
+    :raises ValueError: for an unusable URL, a non-positive ``poll_interval``
+        or ``max_connections``.
     """
 
     name = "openai"
@@ -118,12 +136,15 @@ class OpenAIEngine:
         metrics_url: str | None = None,
         api_key: str | None = None,
         client: HTTPClient | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
         poll_interval: float = 2.0,
         timeouts: Timeouts = GENERATE_TIMEOUTS,
         poll_timeouts: Timeouts = POLL_TIMEOUTS,
     ) -> None:
         if not poll_interval > 0:
             raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {max_connections!r}")
         if models is not None and not (models and all(isinstance(m, str) and m for m in models)):
             raise ValueError(f"models must be non-empty names (None: discover), got {models!r}")
         base = _base_url(engine_url)
@@ -144,8 +165,16 @@ class OpenAIEngine:
         self._metrics_headers = [("accept", _METRICS_ACCEPT), *(self._auth if same_origin else [])]
         self._discover = models is None
         self._models: list[str] = list(models or [])
+        self.max_connections = max_connections
         self._own_client = client is None
-        self._client = client if client is not None else HTTPClient(timeouts=timeouts)
+        self._client = (
+            client
+            if client is not None
+            else HTTPClient(timeouts=timeouts, max_connections_per_origin=max_connections)
+        )
+        self._poll_client = HTTPClient(
+            timeouts=poll_timeouts, max_connections_per_origin=POLL_CONNECTIONS
+        )
         self._reachable = False
         self._stats = EngineStats()
         self._reader = EngineMetricsReader()
@@ -183,6 +212,7 @@ class OpenAIEngine:
         stack = AsyncExitStack()
         if self._own_client:
             stack.push_async_callback(self._client.aclose)  # after the pollers have stopped
+        stack.push_async_callback(self._poll_client.aclose)
         try:
             async with anyio.create_task_group() as first:
                 first.start_soon(self.poll_health)
@@ -220,8 +250,10 @@ class OpenAIEngine:
         stack, self._stack = self._stack, None
         if stack is not None:
             await stack.aclose()
-        elif never_started and self._own_client:
-            await self._client.aclose()
+        elif never_started:
+            await self._poll_client.aclose()
+            if self._own_client:
+                await self._client.aclose()
 
     async def _every_interval(self, poll: Callable[[], Awaitable[None]]) -> None:
         while True:
@@ -336,7 +368,7 @@ class OpenAIEngine:
 
     async def _probe(self) -> str | None:
         """``None`` when the server answers well, else what is wrong."""
-        client, timeouts = self._client, self._poll_timeouts
+        client, timeouts = self._poll_client, self._poll_timeouts
         async with client.stream(
             "GET", self._models_url, headers=self._auth, timeouts=timeouts
         ) as response:
@@ -366,7 +398,7 @@ class OpenAIEngine:
     async def scrape_metrics(self) -> None:
         """Read the server's Prometheus metrics once into :meth:`stats`."""
         try:
-            async with self._client.stream(
+            async with self._poll_client.stream(
                 "GET",
                 self._metrics_url,
                 headers=self._metrics_headers,
