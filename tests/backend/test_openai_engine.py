@@ -45,6 +45,7 @@ class EngineServer:
     def __init__(self, tokens: tuple[str, ...] = ("Hel", "lo", " world")) -> None:
         self.tokens = tokens
         self.models: list[str] | None = ["tiny-model"]  # None: /v1/models answers 404
+        self.raw_models: bytes | None = None  # answered by /v1/models instead of a list
         self.health_status = 200
         self.metrics: str | None = None  # None: /metrics answers 404
         self.error: tuple[int, str, bytes] | None = None  # status, content type, body
@@ -96,6 +97,8 @@ class EngineServer:
         if path == "/v1/models":
             self.models_polls += 1
             self._polled.set()
+            if self.raw_models is not None:
+                return Response(200, [("content-type", "text/html")], self.raw_models)
             if self.models is None:
                 raise HTTPError(404, "no such route")
             data = [{"id": m, "object": "model", "owned_by": "test"} for m in self.models]
@@ -518,6 +521,37 @@ async def test_configured_models_and_a_server_with_only_health(server: EngineSer
         assert not engine.ready()
     polled = [p for p, _ in server.seen if p != "/metrics"]
     assert polled == ["/v1/models", "/health", "/v1/models", "/health"]
+
+
+async def test_a_configured_model_the_server_does_not_list_is_not_ready(
+    server: EngineServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with (
+        server.running() as url,
+        OpenAIEngine(url, models=["llama3"], poll_interval=0.01) as engine,
+    ):
+        assert not engine.ready()
+        assert engine.models() == ["llama3"]
+        with anyio.fail_after(WAIT):
+            await server.wait_models_polls(2)
+        assert not engine.ready()
+        server.models = ["tiny-model", "llama3"]  # the operator fixed the engine server
+        with anyio.fail_after(WAIT):
+            while not engine.ready():
+                await server.wait_models_polls(1)
+    wrong = "serves tiny-model, not the configured model llama3"
+    assert [r.levelname for r in caplog.records if wrong in r.getMessage()] == ["WARNING"]
+
+
+async def test_a_configured_model_and_a_models_answer_that_is_no_list(
+    server: EngineServer,
+) -> None:
+    server.raw_models = b"<html>models</html>"  # nothing to check the name against
+    async with (
+        server.running() as url,
+        OpenAIEngine(url, models=["llama3"], poll_interval=NEVER) as engine,
+    ):
+        assert engine.ready()
 
 
 async def test_without_configured_models_a_server_without_a_model_list_is_not_ready(

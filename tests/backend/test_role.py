@@ -294,6 +294,38 @@ async def test_the_openai_engine_fronts_another_backend() -> None:
 
 @pytest.mark.anyio
 @pytest.mark.usefixtures("backend_plugin")
+async def test_a_model_the_engine_server_does_not_serve_means_not_ready() -> None:
+    async with (
+        anyio.create_task_group() as tg,
+        HTTPClient() as http,
+        load_balancer() as (lb, lb_address),
+    ):
+        upstream_stopping = anyio.Event()
+        upstream: BackendInfo = await tg.start(
+            functools.partial(
+                serve_backend,
+                BackendSettings(port=0, ops_port=0),
+                SimEngine(load_profile("cpu-tiny")),  # serves sim-tiny
+                registry=Registry(),
+                stopping=upstream_stopping,
+                gpu=GPUSampler(load_nvml=no_nvml),
+            )
+        )
+        ctx = role_context(
+            {"engine": "openai", "engine_url": upstream.service.url, "model": "llama3"}
+            | {"port": "0", "ops_port": "0", "discovery_lb": str(lb_address)}
+        )
+        tg.start_soon(run, ctx)
+        await eventually(lambda: "backend" in ctx.state)
+        front: BackendInfo = ctx.state["backend"]  # the engine was polled once before this
+        assert await health(http, front) == (503, {"status": "engine not ready"})
+        ctx.stopping.set()
+        upstream_stopping.set()
+    assert lb.registered == []  # never announced under a name nobody serves
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("backend_plugin")
 async def test_an_unreachable_engine_server_means_not_ready() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -15,8 +15,10 @@ KV cache are freed too.
 
 **Readiness** is ``GET /v1/models`` (``/health`` for a server without that
 route) every ``poll_interval`` seconds, which also discovers the served
-models when none are configured; a connect error on live traffic marks the
-engine not ready at once, until the next successful poll.
+models when none are configured.  Configured models must be in that list
+when the server gives one: a backend registered under a name its engine
+server does not serve would only collect 404s.  A connect error on live
+traffic marks the engine not ready at once, until the next successful poll.
 
 **Connections.**  Generations hold one pooled connection each for as long
 as they stream, so the generation pool has ``max_connections`` per origin
@@ -109,7 +111,8 @@ class OpenAIEngine:
     :param engine_url: the server's base URL (``http://127.0.0.1:8000``; a
         trailing ``/v1`` is accepted).
     :param models: the model names served; ``None`` discovers them with
-        ``GET /v1/models`` on every poll.
+        ``GET /v1/models`` on every poll.  Named models must be in that list
+        (when the server answers one) for the engine to be ready.
     :param metrics_url: the server's Prometheus metrics (default
         ``<engine_url>/metrics``).
     :param api_key: sent to the engine server as ``Authorization: Bearer``
@@ -230,7 +233,7 @@ class OpenAIEngine:
         logger.info(
             "openai engine: %s (%s), models %s, metrics %s",
             self.engine_url,
-            "answering" if self._reachable else "not answering yet",
+            "ready" if self._reachable else "not ready yet",
             ", ".join(self._models) or "(none discovered yet)",
             self.metrics_url,
         )
@@ -374,9 +377,10 @@ class OpenAIEngine:
         ) as response:
             status = response.status
             if status == 200:
-                if not self._discover:  # answering is enough; read it to reuse the connection
-                    await response.read(max_bytes=MAX_MODELS_BODY_BYTES)
-                    return None
+                if not self._discover:
+                    return _missing_models(
+                        self._models, await response.read(max_bytes=MAX_MODELS_BODY_BYTES)
+                    )
                 found = model_ids(await _read_json(response, MAX_MODELS_BODY_BYTES))
                 if found is None:
                     return "GET /v1/models answered something that is not a model list"
@@ -484,6 +488,27 @@ def model_ids(document: Any) -> list[str] | None:
     if isinstance(single, str) and single:
         return [single]
     return None
+
+
+def _missing_models(configured: list[str], body: bytes) -> str | None:
+    """What is wrong when the ``/v1/models`` answer ``body`` lacks a configured model.
+
+    ``None`` when every configured model is listed, and also when the answer is
+    no model list at all: then the server answering is all that can be checked.
+    """
+    try:
+        found = model_ids(json.loads(body))
+    except ValueError:
+        return None
+    if found is None:
+        return None
+    missing = [model for model in configured if model not in found]
+    if not missing:
+        return None
+    return (
+        f"the engine server serves {', '.join(found) or 'no model'}, not the configured "
+        f"model {', '.join(missing)} (set --model to a name it lists, or leave it out)"
+    )
 
 
 async def _read_json(response: ClientResponse, max_bytes: int) -> Any:
