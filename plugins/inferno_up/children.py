@@ -18,11 +18,13 @@ directory in a pex venv and ``-m`` is not in argv under ``python -m inferno``.
 a Ctrl-C at the terminal reaches ``up`` alone, which then stops every child
 once, with SIGTERM, so each drains gracefully (a child that also got the
 terminal's SIGINT would take ``up``'s SIGTERM as a second signal and exit at
-once).  Stopping is SIGTERM to each child's process group, a deadline, then
-SIGKILL.  For the case where ``up`` itself dies without stopping them (SIGKILL,
-an OOM kill, a crash, a second Ctrl-C), each child asks Linux at start to
-SIGKILL it when its parent dies (``prctl(PR_SET_PDEATHSIG)`` through ctypes),
-then checks that the parent has not already gone.  This runs in the child's
+once).  Stopping is SIGTERM to each child's process group (the backends
+first, then the proxy they deregister from), a deadline, then SIGKILL.
+
+For the case where ``up`` itself dies without stopping them (SIGKILL, an OOM
+kill, a crash, a second Ctrl-C), each child asks Linux at start to SIGKILL it
+when its parent dies (``prctl(PR_SET_PDEATHSIG)`` through ctypes), then
+checks that the parent has not already gone.  This runs in the child's
 own first lines, not in a ``preexec_fn``, which is unsafe in a process with
 threads (anyio's worker threads, asyncio's child watcher).  The death signal
 follows the *thread* that forked the child: the children are forked by the
@@ -79,6 +81,8 @@ TAIL_LINES: Final = 20
 MAX_LINE_BYTES: Final = 64 * 1024
 #: Seconds to wait, after a child exited, for the last of its output to be read.
 OUTPUT_GRACE: Final = 1.0
+#: Seconds of the stop deadline kept for the last wave (the proxy), at most a fifth of it.
+LAST_WAVE_RESERVE: Final = 3.0
 #: Seconds to wait for the kernel to reap children after SIGKILL.
 KILL_GRACE: Final = 2.0
 #: ``<role> listening on HOST:PORT (ops HOST:PORT)``: what the proxy and the backend log.
@@ -179,9 +183,10 @@ def describe_status(returncode: int | None) -> str:
 class Child:
     """One child process: its name, output tail, the addresses it listens on, its exit."""
 
-    def __init__(self, name: str, process: anyio.abc.Process) -> None:
+    def __init__(self, name: str, process: anyio.abc.Process, *, stop_last: bool = False) -> None:
         self.name = name
         self.process = process
+        self.stop_last = stop_last
         self.pid: int = process.pid
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         #: ``host:port`` of its service and ops ports, once it logged them.
@@ -244,8 +249,11 @@ class Children:
         self._width = name_width
         self.all: list[Child] = []
 
-    async def start(self, name: str, args: Sequence[str]) -> Child:
-        """Start ``inferno <args>`` as ``name``; its output is forwarded from now on."""
+    async def start(self, name: str, args: Sequence[str], *, stop_last: bool = False) -> Child:
+        """Start ``inferno <args>`` as ``name``; its output is forwarded from now on.
+
+        :param stop_last: stop it only once the others have stopped (see :meth:`stop`).
+        """
         process = await anyio.open_process(
             [*self._command, *args],
             stdin=subprocess.DEVNULL,
@@ -254,7 +262,7 @@ class Children:
             env=self._env,
             start_new_session=True,
         )
-        child = Child(name, process)
+        child = Child(name, process, stop_last=stop_last)
         self.all.append(child)
         self._width = max(self._width, len(name))
         logger.info("started %s (pid %d)", name, child.pid)
@@ -282,26 +290,43 @@ class Children:
     async def stop(self, grace: float, kill_grace: float = KILL_GRACE) -> None:
         """SIGTERM every running child, SIGKILL those still running after ``grace`` seconds.
 
+        Two waves: first the children started without ``stop_last``, then,
+        once they have exited, those started with it (the proxy, so that the
+        backends can still deregister from it and finish the requests it
+        relays).  The last wave keeps :data:`LAST_WAVE_RESERVE` of ``grace``
+        even when the first one takes all of its share.
+
         Waits on the processes themselves, not on the watcher tasks, so it
         works while the caller is being cancelled (call it shielded).
         """
         running = [child for child in self.all if child.returncode is None]
         for child in self.all:
             child.stopping = True
-        if not running:
+        waves = [
+            wave
+            for wave in (
+                [child for child in running if not child.stop_last],
+                [child for child in running if child.stop_last],
+            )
+            if wave
+        ]
+        deadline = anyio.current_time() + grace
+        reserve = min(LAST_WAVE_RESERVE, grace * 0.2)
+        for number, wave in enumerate(waves, start=1):
+            logger.info("stopping %s", ", ".join(child.name for child in wave))
+            for child in wave:
+                child.signal(signal.SIGTERM)
+            until = deadline if number == len(waves) else deadline - reserve
+            await _wait_all(wave, until - anyio.current_time())
+        left = [child for child in running if child.returncode is None]
+        if not left:
             return
-        logger.info("stopping %s", ", ".join(child.name for child in running))
-        for child in running:
-            child.signal(signal.SIGTERM)
-        if await _wait_all(running, grace):
-            return
-        for child in running:
-            if child.returncode is None:
-                logger.warning("%s did not stop within %gs: killing it", child.name, grace)
-                child.signal(signal.SIGKILL)
-        if not await _wait_all(running, kill_grace):
-            left = ", ".join(f"{c.name} (pid {c.pid})" for c in running if c.returncode is None)
-            logger.error("still running after SIGKILL: %s", left)
+        for child in left:
+            logger.warning("%s did not stop within %gs: killing it", child.name, grace)
+            child.signal(signal.SIGKILL)
+        if not await _wait_all(left, kill_grace):
+            still = ", ".join(f"{c.name} (pid {c.pid})" for c in left if c.returncode is None)
+            logger.error("still running after SIGKILL: %s", still)
 
     async def until_output_done(self, grace: float = OUTPUT_GRACE) -> None:
         """Wait up to ``grace`` seconds until every exited child's output has been forwarded."""
@@ -384,6 +409,7 @@ async def supervise(
     :param stop_grace: seconds the children get to stop after SIGTERM, before SIGKILL.
     Other parameters are :class:`Children`'s.
     """
+    failure: Exception | None = None
     async with anyio.create_task_group() as tg:
         children = Children(
             tg,
@@ -396,11 +422,15 @@ async def supervise(
         )
         try:
             yield children
+        except Exception as exc:  # raised below, outside the task group: not in a group
+            failure = exc
         finally:
             with anyio.CancelScope(shield=True):
                 await children.stop(stop_grace)
                 await children.until_output_done()
             tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
 # -- helpers ------------------------------------------------------------------------------------

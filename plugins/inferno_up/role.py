@@ -17,8 +17,8 @@ restarted: that is the governator's job, in a later version.
 
 Stop (``ctx.stopping``: Ctrl-C or SIGTERM)::
 
-    SIGTERM to every child (each drains, deregisters, frees its ports) -> wait
-    -> SIGKILL to those still running -> exit 0
+    SIGTERM to every backend (each deregisters, drains, frees its ports) -> wait
+    -> SIGTERM to the proxy -> wait -> SIGKILL to any child still running -> exit 0
 
 The children's own ``runtime.shutdown_timeout`` is set below ``up``'s, so
 each of them stops by itself before ``up`` would kill it, and ``up`` is done
@@ -220,7 +220,7 @@ async def _start(
         f"--ops-port={settings.ops_port}",
         *common,
     ]
-    proxy = await children.start("proxy", proxy_args)
+    proxy = await children.start("proxy", proxy_args, stop_last=True)
     progress.now("start listening", [proxy])
     await children.until_listening(proxy)
     assert proxy.ops is not None

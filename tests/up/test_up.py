@@ -98,6 +98,14 @@ class Up:
                 assert self.process.returncode is None, f"up exited:\n{self.log()}"
                 await _first_of(self.ready.wait(), self.process.wait())
 
+    async def until_exit(self) -> int:
+        """Its exit status; fail with its log if it does not exit within :data:`WAIT`."""
+        try:
+            with anyio.fail_after(WAIT):
+                return await self.process.wait()
+        except TimeoutError:
+            raise AssertionError(f"up still runs after {WAIT:g}s:\n{self.log()}") from None
+
     async def until_logged(self, condition: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
         """The first of up's own log records (not a child's) that meets ``condition``."""
         with anyio.fail_after(WAIT):
@@ -142,14 +150,17 @@ async def _read_stderr(up: Up) -> None:
             try:
                 record = json.loads(line)
             except ValueError:
-                record = {"message": line.decode(errors="replace"), "raw": True}
+                record = {"message": line.decode(errors="replace"), "raw": True}  # not a log
             up.records.append(record if isinstance(record, dict) else {"message": record})
         up.logged.set()
 
 
 @asynccontextmanager
-async def running_up(*args: str) -> AsyncIterator[Up]:
-    """``python -m inferno up`` on free ports, JSON logs; everything it started is killed after."""
+async def running_up(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[Up]:
+    """``python -m inferno up`` on free ports, JSON logs; everything it started is killed after.
+
+    :param env: variables added to the environment (the children inherit it).
+    """
     command = [
         sys.executable,
         "-m",
@@ -161,7 +172,8 @@ async def running_up(*args: str) -> AsyncIterator[Up]:
         "--sim-speed=20",
         *args,
     ]
-    process = await anyio.open_process(command, stdin=subprocess.DEVNULL, env=clean_env(), cwd=ROOT)
+    environ = {**clean_env(), **(env or {})}
+    process = await anyio.open_process(command, stdin=subprocess.DEVNULL, env=environ, cwd=ROOT)
     up = Up(process)
     async with anyio.create_task_group() as tg:
         tg.start_soon(_read_stdout, up)
@@ -257,9 +269,11 @@ async def test_up_serves_the_openai_api_and_sigint_stops_everything() -> None:
             assert b"data: [DONE]" in curl.stdout
 
         up.process.send_signal(signal.SIGINT)
-        with anyio.fail_after(WAIT):
-            status = await up.process.wait()
+        status = await up.until_exit()
     assert status == 0, up.log()
+    # The backends stopped first: they could still deregister from the proxy.
+    assert "cannot deregister" not in up.log()
+    assert "deregistered from" in up.log()
     pids = [node.pid for node in nodes.values()]
     assert not [pid for pid in pids if alive(pid)]  # reaped by up before it exited
     assert_free([port for node in nodes.values() for port in node.ports])
@@ -272,8 +286,7 @@ async def test_a_sigkilled_up_leaves_no_child_and_no_port_behind() -> None:
         await up.until_ready()
         nodes = up.nodes
         up.process.kill()
-        with anyio.fail_after(WAIT):
-            await up.process.wait()
+        await up.until_exit()
         await until_gone([node.pid for node in nodes.values()])
     assert_free([port for node in nodes.values() for port in node.ports])
 
@@ -289,8 +302,7 @@ async def test_a_child_that_dies_is_logged_and_up_keeps_running_until_sigterm() 
         assert "SIGKILL" in record["message"]
         assert up.process.returncode is None
         up.process.terminate()
-        with anyio.fail_after(WAIT):
-            status = await up.process.wait()
+        status = await up.until_exit()
     assert status == 0, up.log()
     assert not [node.pid for node in up.nodes.values() if alive(node.pid)]
 
@@ -303,8 +315,7 @@ async def test_a_child_that_cannot_start_fails_up_with_its_last_lines_and_stops_
         taken.listen()
         port = taken.getsockname()[1]
         async with running_up("--backends=1", f"--backend-port={port}") as up:
-            with anyio.fail_after(WAIT):
-                status = await up.process.wait()
+            status = await up.until_exit()
     assert status == 1, up.log()
     assert BANNER_END not in up.banner
     errors = "\n".join(
@@ -312,6 +323,8 @@ async def test_a_child_that_cannot_start_fails_up_with_its_last_lines_and_stops_
     )
     assert "backend-1 exited with status" in errors, up.log()
     assert "in use" in errors.lower()  # the backend's own words, from its last lines
+    assert "inferno: error: up: backend-1 exited with status" in up.log()
+    assert not [r for r in up.records if r.get("raw") and "Traceback" in r["message"]]
     started = [
         int(m[1])
         for r in up.records
@@ -319,6 +332,32 @@ async def test_a_child_that_cannot_start_fails_up_with_its_last_lines_and_stops_
     ]
     assert len(started) == 1, up.log()
     assert not alive(started[0])
+
+
+async def test_backends_that_never_register_fail_up_at_the_startup_timeout() -> None:
+    # The proxy inherits a secret the backends do not have: every registration gets a 401.
+    secret = {"INFERNO_PROXY_SHARED_SECRET": "only-the-proxy-knows"}
+    async with running_up("--startup-timeout=3s", env=secret) as up:
+        status = await up.until_exit()
+    assert status == 1, up.log()
+    assert BANNER_END not in up.banner
+    errors = "\n".join(
+        str(r["message"]) for r in up.records if "child" not in r and r.get("level") == "error"
+    )
+    for name in ("backend-1", "backend-2"):
+        assert f"{name} did not register with the proxy within 3s" in errors, up.log()
+    assert "cannot register" in errors  # a backend's own words, from its last lines
+    # The CLI's one line, as for every failed role: no traceback.
+    assert "inferno: error: up: backend-1, backend-2 did not register" in up.log()
+    assert not [r for r in up.records if r.get("raw") and "Traceback" in r["message"]]
+    assert "only-the-proxy-knows" not in up.log()
+    started = [
+        int(m[1])
+        for r in up.records
+        if (m := re.fullmatch(r"started \S+ \(pid (\d+)\)", str(r.get("message"))))
+    ]
+    assert len(started) == 3, up.log()
+    assert not [pid for pid in started if alive(pid)]
 
 
 # -- settings ------------------------------------------------------------------------------------
