@@ -192,6 +192,16 @@ async def running_up(*args: str, env: dict[str, str] | None = None) -> AsyncIter
             tg.cancel_scope.cancel()
 
 
+def started_pids(up: Up) -> dict[str, int]:
+    """``{child name: pid}`` from up's ``started NAME (pid N)`` log lines, in start order."""
+    found = (
+        re.fullmatch(r"started (\S+) \(pid (\d+)\)", str(r.get("message")))
+        for r in up.records
+        if "child" not in r
+    )
+    return {m[1]: int(m[2]) for m in found if m}
+
+
 def alive(pid: int) -> bool:
     """Whether ``pid`` runs: not gone, and not a zombie (exited, waiting for its reaper)."""
     try:
@@ -325,13 +335,9 @@ async def test_a_child_that_cannot_start_fails_up_with_its_last_lines_and_stops_
     assert "in use" in errors.lower()  # the backend's own words, from its last lines
     assert "inferno: error: up: backend-1 exited with status" in up.log()
     assert not [r for r in up.records if r.get("raw") and "Traceback" in r["message"]]
-    started = [
-        int(m[1])
-        for r in up.records
-        if (m := re.fullmatch(r"started proxy \(pid (\d+)\)", str(r.get("message"))))
-    ]
-    assert len(started) == 1, up.log()
-    assert not alive(started[0])
+    started = started_pids(up)
+    assert list(started) == ["proxy", "backend-1"], up.log()
+    assert not [pid for pid in started.values() if alive(pid)]
 
 
 async def test_backends_that_never_register_fail_up_at_the_startup_timeout() -> None:
@@ -351,13 +357,23 @@ async def test_backends_that_never_register_fail_up_at_the_startup_timeout() -> 
     assert "inferno: error: up: backend-1, backend-2 did not register" in up.log()
     assert not [r for r in up.records if r.get("raw") and "Traceback" in r["message"]]
     assert "only-the-proxy-knows" not in up.log()
-    started = [
-        int(m[1])
-        for r in up.records
-        if (m := re.fullmatch(r"started \S+ \(pid (\d+)\)", str(r.get("message"))))
-    ]
-    assert len(started) == 3, up.log()
-    assert not [pid for pid in started if alive(pid)]
+    started = started_pids(up)
+    assert list(started) == ["proxy", "backend-1", "backend-2"], up.log()
+    assert not [pid for pid in started.values() if alive(pid)]
+
+
+async def test_ctrl_c_while_starting_stops_what_was_started_and_exits_0() -> None:
+    # Backends the proxy refuses: up waits for their registration until told to stop.
+    secret = {"INFERNO_PROXY_SHARED_SECRET": "only-the-proxy-knows"}
+    async with running_up("--startup-timeout=10m", env=secret) as up:
+        await up.until_logged(lambda r: str(r.get("message")).startswith("started backend-2 "))
+        up.process.send_signal(signal.SIGINT)
+        status = await up.until_exit()
+    assert status == 0, up.log()
+    assert BANNER_END not in up.banner
+    started = started_pids(up)
+    assert list(started) == ["proxy", "backend-1", "backend-2"], up.log()
+    assert not [pid for pid in started.values() if alive(pid)]
 
 
 # -- settings ------------------------------------------------------------------------------------
