@@ -85,6 +85,8 @@ _GENERATION_ROUTES: Final[dict[str, Kind]] = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completion",
 }
+#: Routes that only probe the node: their 503s say "not ready", they are not failures.
+_PROBE_ROUTES: Final = frozenset({"/health"})
 _KNOWN_ROUTES: Final = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/ws", "/health"}
 )
@@ -224,7 +226,8 @@ class InferenceAPI:
         self.admission = admission
         self.max_message_bytes = max_message_bytes
         self.created = int(time.time())
-        #: Answers that failed (5xx, broken streams) since start: ``failed_responses``.
+        #: Answers that failed (5xx but health probes', broken streams) since start:
+        #: ``failed_responses``.
         self.failed_responses = 0
         #: Requests turned away with Retry-After since start: ``backoff_requests``.
         self.backoff_requests = 0
@@ -283,7 +286,8 @@ class InferenceAPI:
         """Count an answer given in one piece (an error, or a whole response)."""
         self._metrics.requests.labels(route=route, status=str(status)).inc()
         self._metrics.duration.labels(route=route).observe(time.monotonic() - started)
-        if status >= 500 and code != _DRAINING:  # turning away while draining is a back-off
+        # Turning away while draining is a back-off; a health probe's 503 is an answer.
+        if status >= 500 and code != _DRAINING and route not in _PROBE_ROUTES:
             self.count_failure()
 
     def count_failure(self) -> None:

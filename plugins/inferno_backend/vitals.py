@@ -24,8 +24,9 @@ What each NodeVitals field means here:
 ``kv_cache_usage`` / ``tokens_per_second``
     from the engine's own statistics (``null`` / 0 when it cannot tell).
 ``failed_responses`` / ``backoff_requests``
-    answers that failed (5xx, broken streams) and requests turned away with
-    Retry-After (429 queue full, 503 draining), since start.
+    answers that failed (5xx, broken streams; not a ``/health`` probe's 503)
+    and requests turned away with Retry-After (429 queue full, 503 draining),
+    since start.
 ``connected_peers``
     load balancers this node is registered with now.
 

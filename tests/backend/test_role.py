@@ -347,6 +347,11 @@ async def test_an_unreachable_engine_server_means_not_ready() -> None:
         )
         assert refused.status == 503
         assert (await refused.json())["error"]["code"] == "engine_unavailable"
+        for _ in range(2):  # the service port's own probe
+            answer = await http.request("GET", f"{info.service.url}/health")
+            assert answer.status == 503
+        vitals = await (await http.request("GET", f"{info.ops.url}/metrics")).json()
+        assert vitals["failed_responses"] == 1  # the refused request; health probes never count
         ctx.stopping.set()
 
 
