@@ -28,14 +28,14 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, TypeVar
 
 import anyio
 import anyio.abc
 
 from inferno.config import HostPort
 from inferno.errors import ConfigError, ConfigProblem, InfernoError, ValidationError
-from inferno.http import ServerInfo, ServerLimits, serve
+from inferno.http import Handler, ServerInfo, ServerLimits, serve
 from inferno.http.client import HTTPClient
 from inferno.lifecycle import RoleContext
 from inferno.metrics import Registry
@@ -53,6 +53,7 @@ from inferno_backend.vitals import Vitals
 __all__ = [
     "CAPABILITIES",
     "BackendInfo",
+    "ListenError",
     "make_openai_engine",
     "make_sim_engine",
     "run",
@@ -78,6 +79,15 @@ ENGINE_POOL_HEADROOM: Final = 8
 #: What a backend announces it can do.
 CAPABILITIES: Final = ("chat", "completions", "streaming", "websocket")
 _WILDCARDS: Final = frozenset({"", "0.0.0.0", "::", "[::]"})
+E = TypeVar("E", bound=BaseException)
+
+
+class ListenError(InfernoError):
+    """Raised when a port cannot be bound (in use, not permitted, no such address).
+
+    Its message names the address and the setting, and the command line prints
+    it as one line (exit status 1).
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,17 +126,21 @@ async def run(ctx: RoleContext) -> None:
             ]
         )
     engine: Engine = named.factory(ctx)
-    async with anyio.create_task_group() as tg:
-        start = functools.partial(
-            serve_backend,
-            settings,
-            engine,
-            registry=ctx.metrics,
-            stopping=ctx.stopping,
-            shutdown_timeout=ctx.shutdown_timeout,
-        )
-        # For lifecycle hooks (and tests): where the node listens, once it does.
-        ctx.state["backend"] = await tg.start(start)
+    try:
+        async with anyio.create_task_group() as tg:
+            start = functools.partial(
+                serve_backend,
+                settings,
+                engine,
+                registry=ctx.metrics,
+                stopping=ctx.stopping,
+                shutdown_timeout=ctx.shutdown_timeout,
+            )
+            # For lifecycle hooks (and tests): where the node listens, once it does.
+            ctx.state["backend"] = await tg.start(start)
+    except Exception as exc:
+        # A task group wraps even a failed start in an exception group: one line is enough.
+        raise _find(exc, InfernoError) or exc from None
 
 
 async def run_doctor(ctx: RoleContext) -> None:
@@ -246,7 +260,8 @@ async def serve_backend(
     new ones over ``/proc`` and NVML); ``backoff`` is the registration retry
     schedule.
 
-    :raises OSError: when a port cannot be bound.
+    :raises ListenError: when a port cannot be bound.
+    :raises ConfigError: when the node id or advertised address would be refused.
     """
     drain_budget = _drain_budget(settings, shutdown_timeout)
     admission = Admission(settings.max_concurrency, settings.max_queue)
@@ -278,6 +293,9 @@ async def serve_backend(
                     task_status,
                 )
                 background.cancel_scope.cancel()
+        except Exception as exc:
+            # Task groups wrap a failed start in exception groups; say it in one line.
+            raise _find(exc, InfernoError) or exc from None
         finally:
             # Not in a cancel scope of its own: start() and aclose() are the two halves
             # of the engine's task group, and no scope may be opened between them.
@@ -298,28 +316,26 @@ async def _serve(
     service_stop, ops_stop = anyio.Event(), anyio.Event()
     limits = ServerLimits(max_body_bytes=settings.max_body_size)
     async with anyio.create_task_group() as servers:
-        service: ServerInfo = await servers.start(
-            functools.partial(
-                serve,
-                api.handle,
-                host=settings.host,
-                port=settings.port,
-                limits=limits,
-                shutdown=service_stop,
-                shutdown_timeout=WRITE_GRACE,
-                name="backend",
-            )
+        service = await _listen(
+            servers,
+            "port",
+            api.handle,
+            host=settings.host,
+            port=settings.port,
+            limits=limits,
+            shutdown=service_stop,
+            shutdown_timeout=WRITE_GRACE,
+            name="backend",
         )
-        ops: ServerInfo = await servers.start(
-            functools.partial(
-                serve,
-                vitals.handle,
-                host=settings.host,
-                port=settings.ops_port,
-                shutdown=ops_stop,
-                shutdown_timeout=WRITE_GRACE,
-                name="backend-ops",
-            )
+        ops = await _listen(
+            servers,
+            "ops_port",
+            vitals.handle,
+            host=settings.host,
+            port=settings.ops_port,
+            shutdown=ops_stop,
+            shutdown_timeout=WRITE_GRACE,
+            name="backend-ops",
         )
         advertise = _advertised(settings, service)
         node_id = settings.node_id or f"backend-{advertise}"
@@ -361,6 +377,31 @@ async def _serve(
             )
         service_stop.set()
         ops_stop.set()
+
+
+async def _listen(
+    group: anyio.abc.TaskGroup, key: str, handler: Handler, **options: Any
+) -> ServerInfo:
+    """Start :func:`serve` in ``group``; a port that cannot be bound is a :class:`ListenError`."""
+    try:
+        info: ServerInfo = await group.start(functools.partial(serve, handler, **options))
+    except OSError as exc:
+        where = format_address(options["host"], options["port"])
+        raise ListenError(
+            f"cannot listen on {where} (backend.{key}): {exc.strerror or exc}"
+        ) from None
+    return info
+
+
+def _find(exc: BaseException, kind: type[E]) -> E | None:
+    """``exc`` or the first exception of ``kind`` inside (nested) exception groups, if any."""
+    if isinstance(exc, kind):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        found = _find(inner, kind)
+        if found is not None:
+            return found
+    return None
 
 
 def _registration(

@@ -522,6 +522,31 @@ def test_bad_settings_exit_2_naming_the_key(
 
 
 @pytest.mark.usefixtures("backend_plugin")
+@pytest.mark.parametrize("flag", ["--port", "--ops-port"])
+def test_a_port_in_use_is_one_clear_line(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["backend", "--port=0", "--ops-port=0", f"{flag}={port}"]) == 1
+    err = capsys.readouterr().err
+    key = "backend.port" if flag == "--port" else "backend.ops_port"
+    assert f"inferno: error: cannot listen on 127.0.0.1:{port} ({key}): " in err
+    assert "Traceback" not in err
+    assert "ExceptionGroup" not in err
+
+
+@pytest.mark.usefixtures("backend_plugin")
+def test_a_node_id_load_balancers_would_refuse_is_a_config_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["backend", "--port=0", "--ops-port=0", "--node-id", "no spaces allowed"]) == 2
+    err = capsys.readouterr().err
+    assert "backend.node_id (effective value): " in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.usefixtures("backend_plugin")
 def test_config_shows_settings_and_hides_the_secret(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "backend", "--shared-secret", "hush", "--max-queue", "7"]) == 0
     out = capsys.readouterr().out
