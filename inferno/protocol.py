@@ -432,7 +432,8 @@ class NodeVitals(_WireType):
         answered in full), >= 0.
     :ivar requests_queued: requests waiting for a serving slot, >= 0.
     :ivar cpu_usage: fraction of the machine's total CPU capacity in use
-        (all cores together; 1.0 = every core busy) over the last sample.
+        (all cores together; 1.0 = every core busy) over the last sample
+        window; 0.0 until the node has measured a first window.
     :ivar memory_usage: fraction of the memory available to the node in use
         (its cgroup limit when it has one, else the machine's).
     :ivar gpu_usage: fraction of time the GPUs were busy (mean over GPUs),

@@ -34,6 +34,15 @@ What the numbers mean (they feed ``NodeVitals``):
 
 Every field is ``None`` when it cannot be known (no ``/proc``, an unreadable
 file, no previous sample to take a difference from); nothing raises.
+
+**Measurement windows.**  CPU figures are rates between two readings, and a
+rate over a few milliseconds is noise: a handful of clock ticks (10 ms each)
+land on one side or the other and the result reads 0 or 1.  So a reading
+less than :data:`MIN_CPU_WINDOW` after the previous one keeps the previous
+CPU figures (``None`` before the first full window) and the earlier
+baseline; memory figures are always fresh.  :meth:`SystemSampler.run` takes
+its second reading one such window after the first, so CPU figures exist
+about 250 ms after start, then every ``interval``.
 """
 
 from __future__ import annotations
@@ -49,6 +58,8 @@ import anyio
 from anyio.abc import TaskStatus
 
 __all__ = [
+    "DEFAULT_INTERVAL",
+    "MIN_CPU_WINDOW",
     "CgroupLevel",
     "CpuTimes",
     "MemInfo",
@@ -68,6 +79,9 @@ __all__ = [
 #: Seconds between two samples taken by :meth:`SystemSampler.run`.  At the
 #: kernel's usual 100 ticks/s this resolves CPU use to 0.5 % of one core.
 DEFAULT_INTERVAL = 2.0
+#: Shortest window, in seconds, a CPU rate is taken over: 25 ticks of the
+#: usual 100/s clock, so one tick more or less moves a core's figure by 4 %.
+MIN_CPU_WINDOW = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +319,9 @@ class SystemSampler:
     """Reads ``/proc`` (and cgroup v2 files) and reports usage between two readings.
 
     :meth:`sample` reads now and compares with the previous reading (the first
-    comparison is against the reading taken at construction).  :meth:`run`
+    comparison is against the reading taken at construction), if that is at
+    least :data:`MIN_CPU_WINDOW` old; otherwise it repeats the CPU figures it
+    had (see the module docstring).  :meth:`run`
     samples every ``interval`` seconds in the background so that
     :meth:`snapshot` answers a vitals request without touching files, and two
     pollers do not shorten each other's measurement windows.
@@ -418,10 +434,15 @@ class SystemSampler:
             if cpu_limit:
                 process_cpu = _fraction(process_cores, cpu_limit)
 
-        self._prev_time = now
-        self._prev_machine = machine
-        self._prev_process = process
-        self._prev_cgroup_usage = {level.path: level.cpu_usage_usec for level in levels}
+        if elapsed >= MIN_CPU_WINDOW:
+            self._prev_time = now
+            self._prev_machine = machine
+            self._prev_process = process
+            self._prev_cgroup_usage = {level.path: level.cpu_usage_usec for level in levels}
+        else:  # too short to be a rate: keep the last figures and the older baseline
+            previous = self._latest
+            machine_cpu, cgroup_cpu = previous.machine_cpu_usage, previous.cgroup_cpu_usage
+            process_cpu, process_cores = previous.process_cpu_usage, previous.process_cpu_cores
         self._latest = SystemSample(
             cpu_usage=_tightest(machine_cpu, cgroup_cpu),
             memory_usage=_tightest(machine_memory, cgroup_memory),
@@ -474,12 +495,15 @@ class SystemSampler:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Sample every ``interval`` seconds until cancelled.
 
-        Reports started after the first sample, so :meth:`snapshot` has numbers
-        from then on.  Reading procfs never blocks on a disk, so it runs on the
-        event loop rather than paying for a thread hop.
+        Reports started after the first sample, so :meth:`snapshot` has memory
+        figures from then on; CPU figures follow one :data:`MIN_CPU_WINDOW`
+        later (the first sample is too close to the baseline for a rate).
+        Reading procfs never blocks on a disk, so it runs on the event loop
+        rather than paying for a thread hop.
         """
         self.sample()
         task_status.started()
+        await anyio.sleep(min(self.interval, MIN_CPU_WINDOW))
         while True:
-            await anyio.sleep(self.interval)
             self.sample()
+            await anyio.sleep(self.interval)

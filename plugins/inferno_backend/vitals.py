@@ -17,7 +17,10 @@ What each NodeVitals field means here:
     (a sim engine short of KV cache, a fronted vLLM's queue).
 ``cpu_usage`` / ``memory_usage``
     from :class:`~inferno_backend.system.SystemSampler`: the tighter of the
-    machine and its cgroup limits, 0..1 (0 when ``/proc`` cannot be read).
+    machine and its cgroup limits, 0..1 (0 when ``/proc`` cannot be read;
+    ``cpu_usage`` also until the sampler's first full window, 250 ms after
+    start: the protocol requires a number, and "idle" is the safe guess for
+    a node that has only just started).
 ``gpu_usage`` / ``gpu_memory_usage``
     from :class:`~inferno_backend.gpu.GPUSampler` (NVML, sampled in the
     background, never on this path); ``null`` without a GPU or driver.

@@ -5,11 +5,13 @@ machine's real /proc."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import anyio
 import pytest
 from inferno_backend.system import (
+    MIN_CPU_WINDOW,
     CpuTimes,
     MemInfo,
     SystemSample,
@@ -201,6 +203,32 @@ def test_sampler_reports_the_tightest_of_machine_and_cgroup_limits(tmp_path: Pat
     assert sampler.snapshot() is sample
 
 
+def test_no_cpu_rate_over_a_window_shorter_than_the_minimum(tmp_path: Path) -> None:
+    proc = build_tree(tmp_path)
+    clock = FakeClock()
+    sampler = SystemSampler(proc_root=proc, clock=clock)  # the baseline
+    # A few milliseconds later one tick has landed, and it was busy: over that
+    # window the machine would read 100 % busy.
+    write(proc / "stat", "cpu  101 0 100 800 0 0 0 0 0 0\n")
+    clock.now += 0.01
+    early = sampler.sample()
+    assert (early.cpu_usage, early.machine_cpu_usage, early.cgroup_cpu_usage) == (None,) * 3
+    assert (early.process_cpu_usage, early.process_cpu_cores) == (None, None)
+    assert early.memory_usage == pytest.approx(0.75)  # memory needs no window
+
+    advance(proc, tmp_path / "cgroup" / "kubepods" / "pod1")
+    clock.now += 0.99
+    full = sampler.sample()  # over the whole second since the baseline
+    assert full.machine_cpu_usage == pytest.approx(0.2)
+    assert full.cgroup_cpu_usage == pytest.approx(0.5)
+    assert full.cpu_usage == pytest.approx(0.5)
+
+    clock.now += MIN_CPU_WINDOW / 2  # too soon again: the last figures stand
+    again = sampler.sample()
+    assert (again.machine_cpu_usage, again.cpu_usage) == (full.machine_cpu_usage, full.cpu_usage)
+    assert again.process_cpu_cores == full.process_cpu_cores
+
+
 def test_sampler_uses_the_mount_point_when_our_cgroup_path_is_not_under_it(
     tmp_path: Path,
 ) -> None:
@@ -243,15 +271,17 @@ def test_interval_must_be_positive() -> None:
 
 
 def burn_cpu(seconds: float) -> None:
-    """Spin until this process has used ``seconds`` of CPU time (not wall time)."""
-    start = os.times()
-    while (os.times().user + os.times().system) - (start.user + start.system) < seconds:
+    """Spin for ``seconds`` of wall time, and until this process has used some CPU time."""
+    start, deadline = os.times(), time.monotonic() + seconds
+    while time.monotonic() < deadline or os.times().user + os.times().system == (
+        start.user + start.system
+    ):
         sum(range(10_000))
 
 
 def test_sampler_on_this_machine_gives_values_in_range() -> None:
     sampler = SystemSampler()
-    burn_cpu(0.05)
+    burn_cpu(MIN_CPU_WINDOW)  # a full window
     sample = sampler.sample()
     for value in (sample.cpu_usage, sample.memory_usage, sample.process_cpu_usage):
         assert value is not None
