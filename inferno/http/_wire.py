@@ -17,16 +17,26 @@ close.  Two implementations:
   cheaper than a cancel scope, or a timer, per wait.
 * :class:`StreamWire`, over any anyio byte stream: TLS (anyio's ``TLSStream``,
   itself layered on an ``AsyncioWire`` through :class:`WireByteStream`), other
-  event loops, and the WebSocket client.
+  event loops, and the WebSocket client (the server's variant, read by a task
+  of its own, is :class:`~inferno.http._readahead.ReadAheadWire`).
 
 Receives return ``b""`` at end of stream and raise :class:`TimeoutError` when the
 deadline passes; a reset raises ``anyio.BrokenResourceError``.
+
+A server must learn that its client went away while a handler runs, when
+nobody reads (see :class:`PeerWatch`).  ``AsyncioWire`` knows it for free: its
+``eof_received`` and ``connection_lost`` callbacks run whether or not anyone
+waits, so it tells its ``watcher`` from there; under TLS the raw
+``AsyncioWire`` below the ``TLSStream`` is the one watched.  An anyio stream
+tells nothing until read, so on that path (other event loops) the server reads
+ahead in one task per connection (:mod:`inferno.http._readahead`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Protocol, cast
 
 import anyio
@@ -35,8 +45,11 @@ import anyio.abc
 __all__ = [
     "DRAIN_MAX_BYTES",
     "DRAIN_TIMEOUT",
+    "READ_HIGH_WATER",
     "RECEIVE_SIZE",
     "AsyncioWire",
+    "PeerWatch",
+    "PeerWatcher",
     "StreamWire",
     "Wire",
     "WireByteStream",
@@ -49,6 +62,8 @@ DRAIN_TIMEOUT = 1.0  # seconds to discard what a peer still sends after our last
 DRAIN_MAX_BYTES = 256 * 1024  # bytes discarded at most before closing anyway
 
 _TIMED_OUT = True  # result of a read waiter woken by its deadline
+
+PeerWatcher = Callable[[bool], None]  # called with True for a reset, False for an EOF
 
 
 class Wire(Protocol):
@@ -83,6 +98,33 @@ class Wire(Protocol):
         ...
 
 
+class PeerWatch(Protocol):
+    """What a connection learns about its peer without reading.
+
+    ``watcher``, while set, is called on the event loop's thread the moment the
+    peer ends its side (``False``) or the connection is reset or lost
+    (``True``); never for a close of our own.  ``unread`` counts bytes that
+    arrived and were not taken by a receive yet.
+    """
+
+    watcher: PeerWatcher | None
+
+    @property
+    def peer_ended(self) -> bool:
+        """The peer sent its EOF, or the connection was lost."""
+        ...
+
+    @property
+    def peer_lost(self) -> bool:
+        """The connection was reset or lost (not closed by us)."""
+        ...
+
+    @property
+    def unread(self) -> int:
+        """Bytes received and buffered, not yet returned by a receive."""
+        ...
+
+
 def _wake(waiter: asyncio.Future[bool] | None, timed_out: bool = False) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(timed_out)
@@ -111,11 +153,13 @@ class AsyncioWire(asyncio.Protocol):
         "_transport",
         "_write_paused",
         "send_timeout",
+        "watcher",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, send_timeout: float | None = None) -> None:
         self._loop = loop
         self.send_timeout = send_timeout
+        self.watcher: PeerWatcher | None = None  # see PeerWatch
         self._transport: asyncio.Transport | None = None
         self._chunks: list[bytes] = []
         self._buffered = 0
@@ -160,6 +204,9 @@ class AsyncioWire(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._eof = True
         _wake(self._read_waiter)
+        watcher = self.watcher
+        if watcher is not None:
+            watcher(False)
         return True  # keep the transport open: we may still answer a half-closed peer
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -171,6 +218,9 @@ class AsyncioWire(asyncio.Protocol):
         self._error = exc
         _wake(self._read_waiter)
         _wake(self._drain_waiter)
+        watcher = self.watcher
+        if watcher is not None and not self._closed:
+            watcher(True)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -178,6 +228,20 @@ class AsyncioWire(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._write_paused = False
         _wake(self._drain_waiter)
+
+    # -- PeerWatch ----------------------------------------------------------------
+
+    @property
+    def peer_ended(self) -> bool:
+        return self._eof
+
+    @property
+    def peer_lost(self) -> bool:
+        return self._lost and not self._closed
+
+    @property
+    def unread(self) -> int:
+        return self._buffered
 
     # -- Wire ---------------------------------------------------------------------
 
