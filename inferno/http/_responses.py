@@ -9,7 +9,9 @@ socket:
 * :func:`has_obs_fold`: the one leniency of h11's parser we refuse;
 * :func:`protocol_error`: the one map from h11's verdicts to our statuses;
 * :func:`render_error`: an error answer, only when h11's state allows one;
-* :func:`upgrade_headers`: the 101 answer to a WebSocket handshake.
+* :func:`judge_eof`: what a client's EOF means while its handler runs;
+* :func:`websocket_refusal`, :func:`upgrade_headers`: the answer to a
+  WebSocket handshake.
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ from http import HTTPStatus
 import h11
 
 from inferno.errors import HTTPError
-from inferno.http._messages import HeaderPair, ServerLimits, dump_json
+from inferno.http._messages import HeaderPair, Request, ServerLimits, dump_json
 
 __all__ = [
+    "EOF_GONE",
+    "EOF_HALF_CLOSED",
+    "EOF_PIPELINED",
+    "EOF_TOO_EARLY",
     "NO_BODY_STATUSES",
     "REASONS",
     "body_too_large",
@@ -38,10 +44,12 @@ __all__ = [
     "http_date",
     "inspect_head",
     "internal_error",
+    "judge_eof",
     "protocol_error",
     "render_error",
     "upgrade_headers",
     "valid_websocket_key",
+    "websocket_refusal",
 ]
 
 REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
@@ -50,6 +58,16 @@ REQUEST_LINE_OVERHEAD = 14  # two spaces, "HTTP/1.1", CRLF around method and tar
 FIELD_OVERHEAD = 4  # ": " and CRLF around each field's name and value
 
 _HEAD_END = re.compile(rb"\n\r?\n")
+
+# What a client's EOF means while its handler runs (see judge_eof)
+EOF_TOO_EARLY = 0  # mid-request: the handler reading the body learns of it; judged again after
+EOF_PIPELINED = 1  # requests were pipelined before it: they are all answered
+EOF_HALF_CLOSED = 2  # after the last request, cancel_on_client_eof off: answered
+EOF_GONE = 3  # after the last request: the client has gone, its handler is cancelled
+
+# h11 states of the client once its whole request was read (MUST_CLOSE: it was
+# the last one on the connection, e.g. ``Connection: close``)
+_REQUEST_READ = frozenset((h11.DONE, h11.MUST_CLOSE, h11.CLOSED))
 
 
 def inspect_head(
@@ -194,6 +212,45 @@ def render_error(conn: h11.Connection, exc: HTTPError) -> bytes | None:
         )
     except h11.LocalProtocolError:
         return None
+
+
+def judge_eof(conn: h11.Connection, unread: int, cancel_on_eof: bool) -> int:
+    """What the client's EOF means, seen while a handler runs: one of the ``EOF_*`` values.
+
+    ``unread`` counts request bytes received but not yet given to ``conn``.  A
+    client may half-close after its request and still read the answer (RFC
+    9112 §9.6), but most that close have gone, and nginx treats a closed
+    client as an abort; ``cancel_on_eof`` (``ServerLimits.cancel_on_client_eof``)
+    picks.  Bytes after the request are pipelined requests, whose answers the
+    client does want; a request not yet read whole cannot be judged (the EOF
+    may cut its body, which its handler learns when reading it).
+    """
+    if conn.their_state not in _REQUEST_READ:
+        return EOF_TOO_EARLY
+    if unread or conn.trailing_data[0]:
+        return EOF_PIPELINED
+    return EOF_GONE if cancel_on_eof else EOF_HALF_CLOSED
+
+
+def websocket_refusal(request: Request) -> HTTPError | None:
+    """Why ``request`` cannot be accepted as a WebSocket (RFC 6455 §4.2.1), or ``None``."""
+    if not request.is_websocket_upgrade():
+        return HTTPError(
+            426,
+            "this endpoint expects a WebSocket upgrade",
+            code="upgrade_required",
+            headers=[("upgrade", "websocket"), ("connection", "Upgrade")],
+        )
+    if request.headers.get("sec-websocket-version") != "13":
+        return HTTPError(
+            426,
+            "unsupported WebSocket version (13 is supported)",
+            code="upgrade_required",
+            headers=[("sec-websocket-version", "13")],
+        )
+    if not valid_websocket_key(request.headers.get("sec-websocket-key", "")):
+        return HTTPError(400, "invalid Sec-WebSocket-Key")
+    return None
 
 
 def valid_websocket_key(key: str) -> bool:
