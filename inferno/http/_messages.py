@@ -57,6 +57,12 @@ class ServerLimits:
     # longest stall (seconds) reading a request body (408), or waiting for a
     # client to read our response (the connection is dropped)
     body_timeout: float = 60.0
+    # A client that closes its side of the connection (EOF) after sending a whole
+    # request has gone: its handler is cancelled, as nginx aborts a proxied
+    # request (proxy_ignore_client_abort off).  RFC 9112 §9.6 lets a client
+    # half-close and still read the answer; set False to serve such clients (a
+    # reset or lost connection still cancels; Request.disconnected still tells).
+    cancel_on_client_eof: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_header_bytes", "max_body_bytes", "max_connections"):
@@ -68,13 +74,17 @@ class ServerLimits:
 
 
 class BodySource(Protocol):
-    """Where a :class:`Request` gets its body from."""
+    """Where a :class:`Request` gets its body from, and learns whether its client is still there."""
 
     async def read_body_chunk(self, cycle: int) -> bytes | None:
         """The next piece of the body of request number ``cycle``; ``None`` once complete.
 
         :raises HTTPError: 400 (malformed), 408 (too slow), 413 (too large).
         """
+        ...
+
+    def client_disconnected(self) -> bool:
+        """Whether the client reset the connection or closed it after its whole request."""
         ...
 
 
@@ -89,6 +99,9 @@ class _MemoryBody:
     async def read_body_chunk(self, cycle: int) -> bytes | None:
         body, self._body = self._body, None
         return body or None
+
+    def client_disconnected(self) -> bool:
+        return False
 
 
 class Request:
@@ -209,6 +222,20 @@ class Request:
             raise RuntimeError("the request body was already consumed")
         self._started = True
         return _BodyIterator(self._source, self._cycle)
+
+    @property
+    def disconnected(self) -> bool:
+        """Whether the client has gone: it reset the connection, or closed it after this request.
+
+        For handlers that poll (between steps of work, or in shielded code).
+        The server cancels a handler whose client has gone, so most need not
+        look.  With ``ServerLimits.cancel_on_client_eof`` off, a client that
+        closes its side after its whole request is not cancelled but does count
+        here, and the handler decides.  An EOF after pipelined requests does not
+        count (the client waits for their answers); nor does one that cuts the
+        body short before the handler has read it (reading it raises a 400).
+        """
+        return self._source.client_disconnected()
 
     def is_websocket_upgrade(self) -> bool:
         """Whether this is a WebSocket opening handshake (RFC 6455 §4.2.1)."""

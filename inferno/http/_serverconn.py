@@ -7,6 +7,22 @@ a failure into an error answer (:meth:`_fail`), which answers only when h11
 says a response may still be sent and then closes (RFC 9112 §9.6: half-close,
 bounded drain, close).  The decisions that need no I/O live in
 :mod:`inferno.http._responses`.
+
+A client that goes away while its handler runs (or while a streamed body is
+produced) is noticed without reading: the wire's :class:`~inferno.http._wire.PeerWatch`
+calls :meth:`ServerConnection._peer_gone` from the event loop, which cancels
+the connection's scope.  The handler's ``finally`` blocks run, nothing more is
+written (unless the handler ignores the cancellation and returns an answer;
+then it is written, harmlessly), the connection closes.  A reset always
+counts.  An EOF counts once the whole request was read, as nginx treats it,
+unless ``ServerLimits.cancel_on_client_eof`` is off (RFC 9112 §9.6 lets a
+client half-close and still read the answer); an EOF that follows pipelined
+requests never counts, they are all answered.  A handler that never reads the
+body it was sent learns only of a reset.  Per request this costs two attribute
+stores and a flag test: no task, no extra cancel scope.
+
+A streamed body is always closed (``aclose``) when the response ends, however
+it ends (see :mod:`inferno.http._streambody`).
 """
 
 from __future__ import annotations
@@ -22,6 +38,10 @@ import h11
 from inferno.errors import HTTPError
 from inferno.http._messages import Handler, Request, Response, ServerLimits, WebSocketAccept
 from inferno.http._responses import (
+    EOF_GONE,
+    EOF_HALF_CLOSED,
+    EOF_PIPELINED,
+    EOF_TOO_EARLY,
     NO_BODY_STATUSES,
     REASONS,
     body_too_large,
@@ -31,12 +51,14 @@ from inferno.http._responses import (
     http_date,
     inspect_head,
     internal_error,
+    judge_eof,
     protocol_error,
     render_error,
     upgrade_headers,
-    valid_websocket_key,
+    websocket_refusal,
 )
-from inferno.http._wire import Wire, close_gracefully
+from inferno.http._streambody import close_body, send_stream
+from inferno.http._wire import PeerWatch, PeerWatcher, Wire, close_gracefully
 from inferno.http.headers import Headers
 
 if TYPE_CHECKING:
@@ -71,7 +93,10 @@ class ServerConnection:
 
     ``idle`` is true while waiting for the first byte of a request, the one
     moment the server may close the connection during shutdown without losing
-    work.  ``scope`` is the connection's cancel scope (set by the server).
+    work.  ``scope`` is the connection's cancel scope (set by the server); it
+    is cancelled when the client goes away while a handler runs.  ``watch``
+    tells of that client: the wire itself, or for TLS the raw connection below
+    it, whose buffered bytes are ciphertext and do not count as a next request.
     """
 
     __slots__ = (
@@ -88,13 +113,27 @@ class ServerConnection:
         "_cycle",
         "_h11",
         "_maybe_fold",
+        "_on_peer_gone",
+        "_peer",
+        "_watch",
+        "_watch_is_wire",
         "_wire",
         "idle",
         "scope",
     )
 
-    def __init__(self, wire: Wire, ctx: ConnectionContext, client: tuple[str, int] | None) -> None:
+    def __init__(
+        self,
+        wire: Wire,
+        ctx: ConnectionContext,
+        client: tuple[str, int] | None,
+        watch: PeerWatch | None = None,
+    ) -> None:
         self._wire = wire
+        self._watch = watch
+        self._watch_is_wire = cast(object, watch) is wire
+        self._on_peer_gone: PeerWatcher = self._peer_gone  # bound once, registered per request
+        self._peer = EOF_TOO_EARLY  # the verdict on its EOF (EOF_TOO_EARLY: none yet)
         self._ctx = ctx
         self._client = client
         self._h11 = h11.Connection(
@@ -227,6 +266,11 @@ class ServerConnection:
             self._cycle,
         )
         self._body_allowed = True
+        watch = self._watch
+        if watch is not None:
+            watch.watcher = self._on_peer_gone  # unset once the response is out
+            if watch.peer_ended:  # it went before its handler started
+                self._peer_gone(watch.peer_lost)
         try:
             response = await ctx.handler(request)
         except HTTPError as exc:
@@ -241,6 +285,10 @@ class ServerConnection:
                 "handler returned %r instead of a Response", response
             )
             response = Response.error(internal_error())
+        if watch is not None and isinstance(response.body, (bytes, bytearray)):
+            # Nothing more to cancel: the answer is ready (a streamed one is
+            # watched until it ends).
+            watch.watcher = None
 
         if isinstance(response, WebSocketAccept):
             await self._upgrade(request, response)
@@ -267,10 +315,38 @@ class ServerConnection:
 
     async def _send_response(self, head_only: bool, response: Response, must_close: bool) -> bool:
         """Write the response; false when the connection must end without more I/O."""
+        body = response.body
+        if not isinstance(body, (bytes, bytearray)):
+            return await self._send_stream(head_only, response, must_close)
         conn = self._h11
         wire = self._wire
         status = response.status
-        body = response.body
+        head = self._encode_head(response, must_close, len(body))
+        if head is None:
+            return await self._fail_invalid()
+        if head_only or status in NO_BODY_STATUSES or not body:
+            await wire.send_all(head + conn.send(h11.EndOfMessage()))
+            return True
+        try:
+            data = conn.send(h11.Data(data=body))
+            tail = conn.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            logger.error("response body does not match its headers (%s): %s", response, exc)
+            return False
+        if len(data) <= COALESCE_MAX:
+            await wire.send_all(head + data + tail)
+        else:
+            await wire.send_all(head)
+            await wire.send_all(data)
+            if tail:
+                await wire.send_all(tail)
+        return True
+
+    def _encode_head(
+        self, response: Response, must_close: bool, length: int | None
+    ) -> bytes | None:
+        """The response head's bytes (``length``: of a bytes body); ``None`` when h11 refuses it."""
+        status = response.status
         headers = encode_headers(response.headers)
         has_framing = has_date = False
         for name, _ in headers:
@@ -283,71 +359,39 @@ class ServerConnection:
             headers.append((b"date", http_date()))
         if must_close:
             headers.append((b"connection", b"close"))
-        no_body = head_only or status in NO_BODY_STATUSES
-        is_bytes = isinstance(body, (bytes, bytearray))
-        if is_bytes and not has_framing and status not in NO_BODY_STATUSES:
-            headers.append((b"content-length", b"%d" % len(cast(bytes, body))))
+        if length is not None and not has_framing and status not in NO_BODY_STATUSES:
+            headers.append((b"content-length", b"%d" % length))
         try:
-            head = conn.send(
+            return self._h11.send(
                 h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b""))
             )
         except h11.LocalProtocolError as exc:
             logger.error("handler returned an invalid response (%s): %s", response, exc)
-            if conn.our_state is h11.SEND_RESPONSE:
-                await self._fail(internal_error())
-            return False
+            return None
 
-        if is_bytes or no_body:
-            if no_body or not body:
-                await wire.send_all(head + conn.send(h11.EndOfMessage()))
-                if not is_bytes:  # an iterable body never iterated: let it release what it holds
-                    aclose = getattr(body, "aclose", None)
-                    if aclose is not None:
-                        await aclose()
-                return True
-            try:
-                data = conn.send(h11.Data(data=cast(bytes, body)))
-                tail = conn.send(h11.EndOfMessage())
-            except h11.LocalProtocolError as exc:
-                logger.error("response body does not match its headers (%s): %s", response, exc)
-                return False
-            if len(data) <= COALESCE_MAX:
-                await wire.send_all(head + data + tail)
-            else:
-                await wire.send_all(head)
-                await wire.send_all(data)
-                if tail:
-                    await wire.send_all(tail)
-            return True
+    async def _fail_invalid(self) -> bool:
+        if self._h11.our_state is h11.SEND_RESPONSE:
+            await self._fail(internal_error())
+        return False
 
-        await wire.send_all(head)
-        iterator = cast(AsyncIterable[bytes], body).__aiter__()
-        finished = False
-        Data = h11.Data  # the per-chunk loop is the SSE hot path
-        send = conn.send
-        send_all = wire.send_all
+    async def _send_stream(self, head_only: bool, response: Response, must_close: bool) -> bool:
+        """Write a response with an async iterable body, watching the client until it ends."""
+        body = cast(AsyncIterable[bytes], response.body)
         try:
-            async for chunk in iterator:
-                if chunk:
-                    await send_all(send(Data(data=chunk)))
-            finished = True
-            tail = send(h11.EndOfMessage())
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            raise  # the client went away: the connection ends quietly
-        except h11.LocalProtocolError as exc:
-            logger.error("response body does not match its headers (%s): %s", response, exc)
-            return False
-        except Exception:
-            logger.exception("response body of status %d failed mid-stream", status)
-            return False  # the client sees the body cut short
+            head = self._encode_head(response, must_close, None)
+            if head is None:
+                await close_body(body)  # before the error answer's bounded drain
+                return await self._fail_invalid()
+            return await send_stream(
+                self._h11,
+                self._wire,
+                head,
+                body,
+                head_only=head_only or response.status in NO_BODY_STATUSES,
+                what=response,
+            )
         finally:
-            if not finished:
-                aclose = getattr(iterator, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-        if tail:
-            await wire.send_all(tail)
-        return True
+            self._unwatch()
 
     # -- request body (BodySource) ---------------------------------------------------
 
@@ -388,6 +432,11 @@ class ServerConnection:
                 if self._chunked:
                     self._check_chunk_metadata()
                 self._body_done = True
+                watch = self._watch
+                if watch is not None and watch.peer_ended and self._body_allowed:
+                    # An EOF while the body was unread did not count (the request
+                    # was incomplete); now that the body is whole, it does.
+                    self._peer_gone(watch.peer_lost)
                 return None
             # NEED_DATA
             if self._chunked:
@@ -430,6 +479,49 @@ class ServerConnection:
         while await self._next_body_piece() is not None:
             pass
 
+    # -- a client gone while its handler runs ----------------------------------------
+
+    def _peer_gone(self, reset: bool) -> None:
+        """The wire saw the client reset the connection (``reset``) or end its side.
+
+        Runs on the event loop's thread, from a protocol callback (or the
+        read-ahead task), while a handler or a streamed body runs, and when one
+        starts or finishes reading its body after an EOF: cancels the
+        connection's scope when the client counts as gone.
+        """
+        peer = self._peer
+        if peer == EOF_GONE or (peer != EOF_TOO_EARLY and not reset):
+            return  # already gone, or an EOF already judged
+        if not reset:
+            watch = self._watch
+            unread = watch.unread if self._watch_is_wire and watch is not None else 0
+            verdict = judge_eof(self._h11, unread, self._ctx.limits.cancel_on_client_eof)
+            if verdict == EOF_PIPELINED:
+                logger.debug("client %s ended its side after pipelined requests", self._client)
+            elif verdict == EOF_HALF_CLOSED:
+                logger.debug("client %s closed its side after its request", self._client)
+            if verdict != EOF_GONE:
+                self._peer = verdict
+                return
+        self._peer = EOF_GONE
+        logger.debug(
+            "client %s %s while its request was handled: cancelled",
+            self._client,
+            "reset the connection" if reset else "closed the connection",
+        )
+        if self.scope is not None:
+            self.scope.cancel()
+
+    def _unwatch(self) -> None:
+        if self._watch is not None:
+            self._watch.watcher = None
+
+    def client_disconnected(self) -> bool:
+        """Whether the client reset the connection or closed it after its whole request."""
+        if self._peer >= EOF_HALF_CLOSED:
+            return True
+        return self._watch is not None and self._watch.peer_lost
+
     # -- errors ----------------------------------------------------------------------
 
     async def _fail(self, exc: HTTPError) -> bool:
@@ -449,30 +541,11 @@ class ServerConnection:
         from inferno.http.websocket import WebSocket, accept_token, run_server_session
 
         conn = self._h11
-        if not request.is_websocket_upgrade():
-            await self._fail(
-                HTTPError(
-                    426,
-                    "this endpoint expects a WebSocket upgrade",
-                    code="upgrade_required",
-                    headers=[("upgrade", "websocket"), ("connection", "Upgrade")],
-                )
-            )
-            return
-        if request.headers.get("sec-websocket-version") != "13":
-            await self._fail(
-                HTTPError(
-                    426,
-                    "unsupported WebSocket version (13 is supported)",
-                    code="upgrade_required",
-                    headers=[("sec-websocket-version", "13")],
-                )
-            )
+        refusal = websocket_refusal(request)
+        if refusal is not None:
+            await self._fail(refusal)
             return
         key = request.headers.get("sec-websocket-key", "")
-        if not valid_websocket_key(key):
-            await self._fail(HTTPError(400, "invalid Sec-WebSocket-Key"))
-            return
         if conn.their_state is h11.SEND_BODY:
             try:
                 await self._discard_body()

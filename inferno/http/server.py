@@ -8,6 +8,11 @@ the ``shutdown`` event is set: stop accepting, close idle connections at once,
 let in-flight requests finish for ``shutdown_timeout`` seconds (their responses
 carry ``Connection: close``), cancel the rest.
 
+A client that goes away while its handler runs cancels its connection (see
+:mod:`inferno.http._serverconn`).  The wire learns of it without reading: on
+asyncio from the transport's callbacks (for TLS, those of the TCP connection
+below it), elsewhere through a read-ahead task per connection.
+
 Usage::
 
     async with anyio.create_task_group() as tg:
@@ -41,9 +46,17 @@ from inferno.http._messages import (
     WebSocketAccept,
     dump_json,
 )
+from inferno.http._readahead import ReadAheadWire
 from inferno.http._responses import http_date
 from inferno.http._serverconn import ConnectionContext, ServerConnection
-from inferno.http._wire import AsyncioWire, StreamWire, Wire, WireByteStream, close_gracefully
+from inferno.http._wire import (
+    AsyncioWire,
+    PeerWatch,
+    StreamWire,
+    Wire,
+    WireByteStream,
+    close_gracefully,
+)
 
 __all__ = [
     "Handler",
@@ -99,6 +112,9 @@ def server_ssl_context(
     """
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Client-initiated renegotiation (TLS 1.2) costs us handshakes for nothing, and
+    # on the read-ahead path it would make the reading task write as well.
+    context.options |= ssl.OP_NO_RENEGOTIATION
     context.set_alpn_protocols(["http/1.1"])
     try:
         context.load_cert_chain(cert_file, key_file, password)
@@ -230,15 +246,25 @@ class _Server:
 
     # -- connections --------------------------------------------------------------
 
-    async def _open(self, accepted: socket.socket | anyio.abc.SocketStream) -> Wire | None:
-        """The connection's transport, TLS completed; ``None`` when TLS failed."""
+    async def _open(
+        self, accepted: socket.socket | anyio.abc.SocketStream, read_ahead: bool = False
+    ) -> tuple[Wire, PeerWatch | None] | None:
+        """The connection's transport, TLS completed, and what watches its peer.
+
+        ``None`` when TLS failed.  On asyncio the watch is the raw
+        :class:`AsyncioWire` (below TLS, if any); elsewhere, with
+        ``read_ahead``, a :class:`ReadAheadWire` whose :meth:`~ReadAheadWire.pump`
+        the caller runs.
+        """
         send_timeout = self.limits.body_timeout
         if isinstance(accepted, socket.socket):
             raw: Wire = await AsyncioWire.from_socket(accepted, send_timeout)
+        elif read_ahead and self.ssl_context is None:
+            raw = ReadAheadWire(accepted, send_timeout=send_timeout)
         else:
             raw = StreamWire(accepted, send_timeout=send_timeout)
         if self.ssl_context is None:
-            return raw
+            return raw, raw if isinstance(raw, (AsyncioWire, ReadAheadWire)) else None
         below = WireByteStream(raw) if isinstance(raw, AsyncioWire) else accepted
         assert isinstance(below, anyio.abc.ByteStream)
         try:
@@ -253,7 +279,12 @@ class _Server:
                 except _TLS_FAILURES as exc:
                     logger.debug("%s: TLS handshake failed: %s", self.name, exc)
                 else:
-                    return StreamWire(tls, eof_stream=below, send_timeout=send_timeout)
+                    if isinstance(raw, AsyncioWire):
+                        return StreamWire(tls, eof_stream=below, send_timeout=send_timeout), raw
+                    if read_ahead:
+                        wire = ReadAheadWire(tls, eof_stream=below, send_timeout=send_timeout)
+                        return wire, wire
+                    return StreamWire(tls, eof_stream=below, send_timeout=send_timeout), None
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await raw.aclose()
@@ -268,13 +299,17 @@ class _Server:
         wire: Wire | None = None
         try:
             with anyio.CancelScope() as scope:
-                wire = await self._open(accepted)
-                if wire is None:
+                opened = await self._open(accepted, read_ahead=True)
+                if opened is None:
                     return
-                connection = ServerConnection(wire, self.ctx, client)
+                wire, watch = opened
+                connection = ServerConnection(wire, self.ctx, client, watch)
                 connection.scope = scope
                 self.connections.add(connection)
-                await connection.run()
+                if isinstance(wire, ReadAheadWire):
+                    await _run_reading_ahead(connection, wire)
+                else:
+                    await connection.run()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError) as exc:
             logger.debug("%s: connection from %s lost: %r", self.name, client, exc)
         except Exception:
@@ -298,8 +333,9 @@ class _Server:
         """Tell one connection over the limit 503, then close it cleanly."""
         wire: Wire | None = None
         try:
-            wire = await self._open(accepted)
-            if wire is not None:
+            opened = await self._open(accepted)
+            if opened is not None:
+                wire = opened[0]
                 await wire.send_all(_overloaded_response())
                 await close_gracefully(wire)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
@@ -343,6 +379,21 @@ def _address(address: object) -> tuple[str, int] | None:
     if isinstance(address, tuple) and len(address) >= 2:
         return str(address[0]), int(address[1])
     return None
+
+
+async def _run_reading_ahead(connection: ServerConnection, wire: ReadAheadWire) -> None:
+    """Run ``connection`` with ``wire``'s pump beside it (the portable path)."""
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(wire.pump)
+        try:
+            await connection.run()
+        except Exception as exc:  # raised as itself below, not in an exception group
+            failure = exc
+        finally:
+            tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
 async def _close_accepted(accepted: socket.socket | anyio.abc.SocketStream) -> None:
