@@ -248,6 +248,8 @@ class Children:
         self._on_exit = on_exit
         self._width = name_width
         self.all: list[Child] = []
+        #: Whether an exit nobody asked for is an error to report (set once started).
+        self.report_exits = False
 
     async def start(self, name: str, args: Sequence[str], *, stop_last: bool = False) -> Child:
         """Start ``inferno <args>`` as ``name``; its output is forwarded from now on.
@@ -350,7 +352,8 @@ class Children:
     async def _watch(self, child: Child) -> None:
         returncode = await child.process.wait()
         child.exited.set()
-        if child.stopping:
+        if child.stopping or not self.report_exits:
+            # Expected, or the start sequence explains it (ChildFailed) with the same tail.
             logger.info("%s %s", child.name, describe_status(returncode))
             return
         with anyio.move_on_after(OUTPUT_GRACE):

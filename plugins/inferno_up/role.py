@@ -130,6 +130,7 @@ async def run(ctx: RoleContext) -> None:
         cluster = await _start_or_explain(settings, children, common, budget, ctx.stopping)
         if cluster is None:
             return  # stopped while starting
+        children.report_exits = True
         _print(banner(cluster))
         logger.info("cluster up: %s", cluster.base_url)
         await ctx.stopping.wait()
