@@ -414,6 +414,7 @@ async def serve(
     shutdown: anyio.Event | None = None,
     shutdown_timeout: float = 30.0,
     name: str = "http",
+    reuse_port: bool = False,
     task_status: anyio.abc.TaskStatus[ServerInfo] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``handler`` on ``host:port`` until cancelled or ``shutdown`` is set.
@@ -423,9 +424,13 @@ async def serve(
     close idle connections, give in-flight requests ``shutdown_timeout`` seconds,
     cancel what remains, return.
 
+    With ``reuse_port`` the socket is bound with ``SO_REUSEPORT``: several
+    processes (a proxy's workers) listen on one port, and the kernel spreads
+    new connections over them.
+
     :raises OSError: when the address cannot be bound.
     """
-    multi = await anyio.create_tcp_listener(local_host=host, local_port=port)
+    multi = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=reuse_port)
     listeners = cast(
         "list[anyio.abc.SocketListener]",
         list(multi.listeners) if isinstance(multi, MultiListener) else [multi],
