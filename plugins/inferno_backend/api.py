@@ -31,6 +31,15 @@ is therefore stopped within a token or two.  (A request still queued, or a
 non-streaming one, is not written to until it completes, so its slot is held
 until then.)
 
+**Drain deadline.**  When the drain time runs out, :meth:`InferenceAPI.cut_generations`
+stops every generation at once, even one waiting on a silent engine: each
+engine read runs in a cancel scope of its own (a few microseconds a token),
+the only way to interrupt a read already waiting.  A stream then ends with
+an error event (``{"error": {..., "type": "server_error", "code":
+"draining"}}``) and no ``[DONE]``; a request with nothing sent yet is
+answered 503 ``draining`` with Retry-After, which a proxy may retry
+elsewhere.  Both count as failed responses.
+
 **WebSocket** (``/v1/ws``): the same requests and chunks over one socket; the
 protocol is documented in :mod:`inferno_backend.wsapi`.
 """
@@ -64,7 +73,15 @@ from inferno_backend.oaischema import (
     whole_response,
 )
 
-__all__ = ["RETRY_AFTER_SECONDS", "Generation", "InferenceAPI", "engine_failure", "health_response"]
+__all__ = [
+    "RETRY_AFTER_SECONDS",
+    "Generation",
+    "GenerationCut",
+    "InferenceAPI",
+    "cut_failure",
+    "engine_failure",
+    "health_response",
+]
 
 logger = logging.getLogger("inferno_backend.api")
 
@@ -95,6 +112,13 @@ _KNOWN_ROUTES: Final = frozenset(
 def _retry_later(status: int, message: str, code: str) -> OpenAIError:
     return OpenAIError(
         status, message, code=code, headers=[("retry-after", str(RETRY_AFTER_SECONDS))]
+    )
+
+
+def cut_failure() -> OpenAIError:
+    """The answer, or the stream's last event, for a generation cut by the drain deadline."""
+    return _retry_later(
+        503, "the node stopped before the answer was complete (drain timeout)", _DRAINING
     )
 
 
@@ -142,10 +166,52 @@ class _Metrics:
         )
 
 
+class GenerationCut(Exception):
+    """Raised by an engine read of a generation cut by the drain deadline."""
+
+
+class _Cutter:
+    """Reads one generation's engine stream so that :meth:`cut` stops it at once.
+
+    Each read runs in a fresh cancel scope (a scope cannot be re-entered, and
+    none may stay open across the caller's ``yield``), so cutting cancels
+    only a read in progress, never the code writing a chunk to the client.
+    """
+
+    __slots__ = ("_scope", "cut_requested")
+
+    def __init__(self) -> None:
+        self.cut_requested = False
+        self._scope: anyio.CancelScope | None = None
+
+    def cut(self) -> None:
+        """Stop the read in progress, if any, and fail every later one."""
+        self.cut_requested = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def read(self, stream: AsyncIterator[TokenChunk]) -> TokenChunk | None:
+        """The stream's next chunk, or ``None`` at its end.
+
+        :raises GenerationCut: when :meth:`cut` was called before or during the read.
+        """
+        if self.cut_requested:
+            raise GenerationCut
+        with anyio.CancelScope() as scope:
+            self._scope = scope
+            try:
+                return await stream.__anext__()
+            except StopAsyncIteration:
+                return None
+            finally:
+                self._scope = None
+        raise GenerationCut  # reached only when this scope caught the cut's cancellation
+
+
 class Generation:
     """One admitted generation: its lease, its engine stream and the chunks so far."""
 
-    __slots__ = ("first", "last", "lease", "parsed", "route", "started", "stream")
+    __slots__ = ("cutter", "first", "last", "lease", "parsed", "route", "started", "stream")
 
     def __init__(
         self,
@@ -155,6 +221,7 @@ class Generation:
         lease: Lease,
         stream: AsyncIterator[TokenChunk],
         first: TokenChunk,
+        cutter: _Cutter,
     ) -> None:
         self.parsed = parsed
         self.route = route
@@ -163,16 +230,20 @@ class Generation:
         self.stream = stream
         self.first = first
         self.last = first
+        self.cutter = cutter
 
-    async def rest(self) -> AsyncIterator[TokenChunk]:
-        """The chunks after the first, up to the one with a ``finish_reason``."""
-        if self.first.finish_reason is not None:
-            return
-        async for chunk in self.stream:
+    async def next_chunk(self) -> TokenChunk | None:
+        """The next chunk after those so far; ``None`` after the one with a ``finish_reason``.
+
+        :raises EngineError: the engine failed.
+        :raises GenerationCut: the drain deadline cut the generation.
+        """
+        if self.last.finish_reason is not None:
+            return None
+        chunk = await self.cutter.read(self.stream)
+        if chunk is not None:
             self.last = chunk
-            yield chunk
-            if chunk.finish_reason is not None:
-                return
+        return chunk
 
 
 class _Body:
@@ -235,6 +306,9 @@ class InferenceAPI:
         self._draining = False
         #: Cancel scopes of WebSocket sessions waiting for a request (closed on drain).
         self.idle_sockets: set[anyio.CancelScope] = set()
+        #: Generations admitted and not finished (cut when the drain deadline passes).
+        self._cutters: set[_Cutter] = set()
+        self._cutting = False  # the drain deadline passed: cut what is admitted from now on
 
     # -- state -------------------------------------------------------------------------
 
@@ -248,6 +322,20 @@ class InferenceAPI:
         self.admission.close()
         for scope in list(self.idle_sockets):
             scope.cancel()
+
+    def cut_generations(self) -> int:
+        """Stop every admitted generation now (the drain deadline passed); return how many.
+
+        Streams end with a ``draining`` error event, answers not yet started
+        are 503 ``draining``; each frees its slot as it ends.  Requests still
+        queued are cut as soon as they are admitted, so they are answered 503
+        ``draining`` at once too instead of starting to generate.
+        """
+        self._cutting = True
+        cutters = list(self._cutters)
+        for cutter in cutters:
+            cutter.cut()
+        return len(cutters)
 
     def not_ready_reason(self) -> str | None:
         """Why the node should not get traffic now, or ``None`` when it is ready."""
@@ -357,20 +445,27 @@ class InferenceAPI:
                 ) from None
             raise _retry_later(503, "the node is draining for shutdown", _DRAINING) from None
         stream: AsyncIterator[TokenChunk] | None = None
+        cutter = _Cutter()
+        cutter.cut_requested = self._cutting
+        self._cutters.add(cutter)
         try:
             stream = self.engine.generate(parsed.generation)
-            first = await stream.__anext__()
+            first = await cutter.read(stream)
+            if first is None:
+                raise OpenAIError(502, "the engine produced nothing", code="engine_error")
         except BaseException as exc:
+            self._cutters.discard(cutter)
             if stream is not None:
                 await _close(stream)
             lease.release()
             if isinstance(exc, EngineError):
                 raise engine_failure(exc) from None
-            if isinstance(exc, StopAsyncIteration):
-                raise OpenAIError(502, "the engine produced nothing", code="engine_error") from None
+            if isinstance(exc, GenerationCut):
+                self.count_failure()  # the answer's 503 "draining" is not counted again
+                raise cut_failure() from None
             raise
         self._metrics.ttft.labels(route=route).observe(time.monotonic() - started)
-        return Generation(parsed, route, started, lease, stream, first)
+        return Generation(parsed, route, started, lease, stream, first, cutter)
 
     def _backoff(self, reason: str) -> None:
         self.backoff_requests += 1
@@ -378,6 +473,7 @@ class InferenceAPI:
 
     async def finish_generation(self, generation: Generation, *, observe: bool = True) -> None:
         """Close the engine stream, free the slot, count tokens; never raises, bounded."""
+        self._cutters.discard(generation.cutter)
         await _close(generation.stream)
         generation.lease.release()
         last = generation.last
@@ -390,10 +486,13 @@ class InferenceAPI:
     async def _whole(self, generation: Generation) -> Response:
         pieces = [generation.first.text]
         try:
-            async for chunk in generation.rest():
+            while (chunk := await generation.next_chunk()) is not None:
                 pieces.append(chunk.text)
         except EngineError as exc:
             raise engine_failure(exc) from None
+        except GenerationCut:
+            self.count_failure()  # the answer's 503 "draining" is not counted again
+            raise cut_failure() from None
         finally:
             await self.finish_generation(generation, observe=False)
         parsed, last = generation.parsed, generation.last
@@ -422,13 +521,17 @@ class InferenceAPI:
         try:
             yield b"data: " + encoder.chunk(first.text, first.finish_reason) + b"\n\n"
             try:
-                async for chunk in generation.rest():
+                while (chunk := await generation.next_chunk()) is not None:
                     if chunk.text or chunk.finish_reason is not None:
                         yield b"data: " + encoder.chunk(chunk.text, chunk.finish_reason) + b"\n\n"
             except EngineError as exc:
                 self.count_failure()
                 logger.warning("stream %s failed mid-way: %s", parsed.generation.request_id, exc)
                 yield b"data: " + _error_event(engine_failure(exc)) + b"\n\n"
+                return
+            except GenerationCut:
+                self.count_failure()
+                yield b"data: " + _json(cut_failure().body()) + b"\n\n"
                 return
             last = generation.last
             if encoder.include_usage:
@@ -470,7 +573,11 @@ def _error_event(exc: HTTPError) -> bytes:
     """An error chunk; ``code`` is the status, as vLLM sends it, so proxies can read it."""
     body = exc.body()
     body["error"]["code"] = exc.status
-    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+    return _json(body)
+
+
+def _json(document: object) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
 
 async def _close(stream: AsyncIterator[TokenChunk]) -> None:

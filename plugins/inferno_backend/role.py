@@ -8,6 +8,8 @@ Lifecycle (DESIGN.md, "Backend lifecycle")::
       ready=false, new requests 503 + Retry-After, idle WebSockets closed (1001)
       -> deregister from every load balancer (in parallel with the drain)
       -> in-flight and queued requests finish, up to drain_timeout
+         (then running generations are cut: a stream ends with a "draining"
+         error event, an answer not started is 503 "draining")
       -> close both ports -> stop the engine -> exit 0
 
 A second signal exits at once (:mod:`inferno.lifecycle`).  The drain is
@@ -370,10 +372,12 @@ async def _serve(
             with anyio.move_on_after(drain_budget) as waiting:
                 await api.admission.wait_idle()
         if waiting.cancelled_caught:
+            queued = api.admission.queued
+            cut = api.cut_generations()  # each ends at once, with a "draining" error
             logger.warning(
-                "drain timeout: cancelling %d running, %d queued requests",
-                api.admission.running,
-                api.admission.queued,
+                "drain timeout: cutting %d running generations and %d queued requests",
+                cut,
+                queued,
             )
         service_stop.set()
         ops_stop.set()

@@ -28,7 +28,9 @@ Requests on one socket are served one after another (send the next after the
 terminal message, or earlier: it waits its turn); admission control applies
 to each as to an HTTP request.  Closing the socket stops a generation at its
 next token.  While the node drains, an idle socket is closed with 1001
-(going away), a busy one after its terminal message.
+(going away), a busy one after its terminal message; when the drain time
+runs out, a generation still running is stopped and its terminal message is
+the error ``{"error": {..., "code": "draining"}, "status": 503}``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import anyio
 
 from inferno.errors import HTTPError
 from inferno.http import WebSocket, WebSocketClosed
-from inferno_backend.api import engine_failure
+from inferno_backend.api import GenerationCut, cut_failure, engine_failure
 from inferno_backend.engines.base import EngineError
 from inferno_backend.oaischema import (
     ChunkEncoder,
@@ -104,12 +106,16 @@ async def _serve_request(api: InferenceAPI, ws: WebSocket, message: str | bytes)
         first = generation.first
         await ws.send(encoder.chunk(first.text, first.finish_reason).decode())
         try:
-            async for chunk in generation.rest():
+            while (chunk := await generation.next_chunk()) is not None:
                 if chunk.text or chunk.finish_reason is not None:
                     await ws.send(encoder.chunk(chunk.text, chunk.finish_reason).decode())
         except EngineError as exc:
             api.count_failure()
             await ws.send(_error_message(engine_failure(exc)))
+            return
+        except GenerationCut:
+            api.count_failure()
+            await ws.send(_error_message(cut_failure()))
             return
         last = generation.last
         if parsed.include_usage:

@@ -222,6 +222,113 @@ async def test_drain_finishes_running_and_queued_refuses_new_and_closes_idle_soc
     assert not tg.cancel_scope.cancel_called
 
 
+@pytest.mark.anyio
+async def test_the_drain_deadline_cuts_generations_at_once_with_a_draining_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = StepClock()  # grants no step after the first: every generation waits on the engine
+    engine = SimEngine(load_profile("cpu-tiny"), clock=clock)
+    settings = BackendSettings(
+        port=0, ops_port=0, max_concurrency=2, max_queue=1, drain_timeout=0.0
+    )
+    stopping, first_data = anyio.Event(), anyio.Event()
+    streamed: list[bytes] = []
+    answers: dict[str, tuple[int, Any, str | None]] = {}
+
+    def body(stream: bool) -> bytes:
+        fields = {"model": MODEL, "prompt": "x", "max_tokens": 50, "ignore_eos": True}
+        return json.dumps({**fields, "stream": stream}).encode()
+
+    async with anyio.create_task_group() as tg, HTTPClient() as http:
+        info: BackendInfo = await tg.start(
+            functools.partial(
+                serve_backend,
+                settings,
+                engine,
+                registry=Registry(),
+                stopping=stopping,
+                shutdown_timeout=2 * WAIT,
+                gpu=GPUSampler(load_nvml=no_nvml),
+            )
+        )
+        url = f"{info.service.url}/v1/completions"
+
+        async def stream() -> None:
+            async with http.stream("POST", url, body=body(True)) as response:
+                assert response.status == 200
+                async for data in response.iter_bytes():
+                    streamed.append(data)
+                    first_data.set()
+
+        async def whole(name: str) -> None:
+            response = await http.request("POST", url, body=body(False))
+            answers[name] = (
+                response.status,
+                await response.json(),
+                response.headers.get("retry-after"),
+            )
+
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as requests:
+                requests.start_soon(stream)
+                await eventually(lambda: in_engine(engine) == 1)
+                clock.allow(1)  # the prefill step: the stream's first token goes out
+                await first_data.wait()
+                requests.start_soon(whole, "running")  # waits for its first token
+                await eventually(lambda: in_engine(engine) == 2)
+                requests.start_soon(whole, "queued")
+                await until_vitals(http, info.ops.url, "requests_queued", 1)
+                stopping.set()  # no drain time at all: the deadline has passed
+    assert not tg.cancel_scope.cancel_called  # serve_backend returned by itself
+
+    events = b"".join(streamed).decode().split("\n\n")
+    assert events[-1] == ""
+    *chunks, last = (event.removeprefix("data: ") for event in events[:-1])
+    assert json.loads(chunks[0])["object"] == "text_completion"
+    assert "[DONE]" not in chunks
+    error = json.loads(last)["error"]
+    assert (error["type"], error["code"]) == ("server_error", "draining")
+    for name in ("running", "queued"):  # nothing sent yet: a retryable 503
+        status, document, retry_after = answers[name]
+        assert (status, document["error"]["code"], retry_after) == (503, "draining", "1")
+    # Every answer ended before the ports closed: none had to be cancelled.
+    assert "still busy" not in caplog.text
+    assert "drain timeout: cutting 2 running generations and 1 queued requests" in caplog.text
+
+
+@pytest.mark.anyio
+async def test_the_drain_deadline_ends_a_websocket_generation_with_a_draining_error() -> None:
+    clock = StepClock()
+    engine = SimEngine(load_profile("cpu-tiny"), clock=clock)
+    settings = BackendSettings(port=0, ops_port=0, drain_timeout=0.0)
+    stopping = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        info: BackendInfo = await tg.start(
+            functools.partial(
+                serve_backend,
+                settings,
+                engine,
+                registry=Registry(),
+                stopping=stopping,
+                shutdown_timeout=2 * WAIT,
+                gpu=GPUSampler(load_nvml=no_nvml),
+            )
+        )
+        with anyio.fail_after(WAIT):
+            ws = await connect_websocket(f"ws://127.0.0.1:{info.service.port}/v1/ws")
+            request = {"model": MODEL, "prompt": "x", "max_tokens": 50, "ignore_eos": True}
+            await ws.send(json.dumps(request))
+            await eventually(lambda: in_engine(engine) == 1)
+            clock.allow(1)
+            assert json.loads(await ws.receive())["object"] == "text_completion"
+            stopping.set()
+            terminal = json.loads(await ws.receive())
+            with pytest.raises(WebSocketClosed) as closed:
+                await ws.receive()
+    assert (terminal["status"], terminal["error"]["code"]) == (503, "draining")
+    assert closed.value.code == 1001
+
+
 # -- the role's run(ctx), in process ----------------------------------------------------------
 
 
