@@ -51,7 +51,6 @@ and clients that left are neutral.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -224,7 +223,6 @@ class ServiceApp:
         self.metrics = ServiceMetrics(metrics, pool, self.queue)
         self.created = int(time.time())  # the "created" of /v1/models entries
         self._in_flight = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.policy = policy
         self.reconfigure(settings)
         self.metrics.sync_nodes()
@@ -281,8 +279,6 @@ class ServiceApp:
     async def handle(self, request: Request) -> Response:
         """Answer one client request (the service port's :data:`~inferno.http.Handler`)."""
         started = self.clock()
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
         request_id = self.headers.request_id(request.headers.get("x-request-id"))
         exchange = Exchange(request, started, self.headers.client_ip(request), request_id)
         self._in_flight += 1
@@ -534,11 +530,6 @@ class ServiceApp:
     def request_done(self) -> None:
         """A streamed response ended (called by its :class:`~inferno_proxy.relay.Relay`)."""
         self._in_flight -= 1
-
-    def abandoned(self, relay: Relay) -> None:
-        """A relay was dropped unclosed (from its finaliser): release it from the loop."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon(relay.abandon)
 
 
 def _error_outcome(exc: ClientError) -> Outcome:

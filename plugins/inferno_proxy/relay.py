@@ -25,7 +25,6 @@ byte may take longer than later gaps does each chunk cost a cancel scope.
 from __future__ import annotations
 
 import logging
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -88,8 +87,8 @@ async def close_stream(cm: Any) -> None:
 class Relay:
     """The response body of one forwarded request (see the module docstring).
 
-    Should the server drop it without iterating it to the end or closing it,
-    the finaliser asks the app to release the lease and the connection.
+    The server closes it (:meth:`aclose`) however the response ends, so the
+    lease and the upstream connection are always given back.
     """
 
     __slots__ = ("_app", "_done", "_exchange", "_iterator", "_opened", "_route")
@@ -165,28 +164,3 @@ class Relay:
         app.request_done()
         app.finish(self._opened.lease, outcome, reason)
         self._route.duration.observe(app.clock() - self._exchange.started)
-
-    def abandon(self) -> None:
-        """Release the lease and the connection of a relay nobody will iterate or close."""
-        if not self._done:
-            self._end(Outcome.NEUTRAL, "response abandoned")
-            _run_to_end(self._opened.cm.__aexit__(None, None, None))
-
-    def __del__(self) -> None:
-        if not self._done:
-            # Never touch the pool from a finaliser (it may run in the middle of
-            # another pool operation): the app schedules abandon() instead.
-            self._app.abandoned(self)
-
-
-def _run_to_end(coroutine: Coroutine[Any, Any, Any]) -> None:
-    """Run a coroutine that never suspends (the client's close) without awaiting it,
-    as a callback must; one that would suspend is abandoned."""
-    try:
-        coroutine.send(None)
-    except StopIteration:
-        return
-    except Exception:
-        logger.exception("closing an abandoned upstream response failed")
-        return
-    coroutine.close()
