@@ -181,8 +181,8 @@ class BackendSettings:
     model: str | None = None
     engine: str = "sim"
     host: str = "127.0.0.1"
-    port: int = 0
-    ops_port: int = 0
+    port: int = 3000
+    ops_port: int = 6101
     advertise_address: HostPort | None = None
     node_id: str | None = None
     discovery_lb: tuple[HostPort, ...] = ()

@@ -165,7 +165,7 @@ async def backend(**options: Any) -> AsyncIterator[BackendInfo]:
     # Slower than real time: a cpu-tiny step (about 2 ms) takes 8 ms, so a generation
     # of thousands of tokens keeps streaming, and writing, for longer than WAIT.
     engine = SimEngine(load_profile("cpu-tiny"), speed=0.25)
-    settings = BackendSettings(**options)
+    settings = BackendSettings(port=0, ops_port=0, **options)
     async with anyio.create_task_group() as tg:
         start = functools.partial(
             serve_backend,

@@ -192,7 +192,7 @@ async def backend(**options: Any) -> AsyncIterator[BackendInfo]:
     async with anyio.create_task_group() as tg:
         start = functools.partial(
             serve_backend,
-            BackendSettings(**options),
+            BackendSettings(port=0, ops_port=0, **options),
             engine,
             registry=Registry(),
             stopping=anyio.Event(),

@@ -98,7 +98,7 @@ async def backend(engine: Engine | None = None, **options: Any) -> AsyncIterator
     """A backend on the sim engine (cpu-tiny, fast) until the block ends."""
     if engine is None:
         engine = SimEngine(load_profile("cpu-tiny"), speed=FAST)
-    settings = BackendSettings(**{"drain_timeout": 1.0, **options})
+    settings = BackendSettings(**{"port": 0, "ops_port": 0, "drain_timeout": 1.0, **options})
     registry = Registry()
     stopping = anyio.Event()
     async with anyio.create_task_group() as tg:

@@ -230,6 +230,8 @@ async def test_backend_registers_announces_its_ports_and_deregisters_on_stop() -
     lb = LoadBalancer(secret=SECRET)
     async with running(lb) as address, HTTPClient() as http:
         settings = BackendSettings(
+            port=0,
+            ops_port=0,
             discovery_lb=(address,),
             shared_secret=SECRET,
             announce_interval=30.0,

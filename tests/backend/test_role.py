@@ -7,6 +7,7 @@ a real SIGTERM to ``python -m inferno backend`` under load.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -30,7 +31,7 @@ from inferno_backend.gpu import GPUSampler
 from inferno_backend.plugin import BACKEND_ROLE
 from inferno_backend.profiles import load_profile
 from inferno_backend.role import BackendInfo, make_openai_engine, run, serve_backend
-from inferno_backend.settings import BackendSettings
+from inferno_backend.settings import BACKEND_SECTION, BackendSettings
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
@@ -156,7 +157,9 @@ async def until_vitals(http: HTTPClient, ops_url: str, key: str, value: object) 
 async def test_drain_finishes_running_and_queued_refuses_new_and_closes_idle_sockets() -> None:
     clock = StepClock()
     engine = SimEngine(load_profile("cpu-tiny"), clock=clock)
-    settings = BackendSettings(max_concurrency=2, max_queue=4, drain_timeout=WAIT)
+    settings = BackendSettings(
+        port=0, ops_port=0, max_concurrency=2, max_queue=4, drain_timeout=WAIT
+    )
     stopping = anyio.Event()
     finished: dict[int, Any] = {}
     async with (
@@ -364,7 +367,7 @@ async def test_the_openai_engine_fronts_another_backend() -> None:
         upstream: BackendInfo = await tg.start(
             functools.partial(
                 serve_backend,
-                BackendSettings(),
+                BackendSettings(port=0, ops_port=0),
                 sim,
                 registry=Registry(),
                 stopping=upstream_stopping,
@@ -689,3 +692,11 @@ def test_settings_come_from_toml_and_environment(
     assert 'discovery_lb = ["10.0.0.1:6100"]' in out
     assert "drain_timeout = " in out
     assert "flag --drain-timeout" in out
+
+
+def test_the_typed_settings_default_to_what_the_setting_table_says() -> None:
+    # The command line's defaults (3000, 6101) and the typed view's are the same;
+    # tests that want any free port say port=0 themselves.
+    table = {setting.key: setting.default for setting in BACKEND_SECTION.settings}
+    typed = {field.name: field.default for field in dataclasses.fields(BackendSettings)}
+    assert typed == table
