@@ -61,18 +61,21 @@ from urllib.parse import unquote
 import anyio
 
 from inferno.errors import HTTPError
-from inferno.http import Request, Response
-from inferno.http._messages import DEFAULT_MAX_MESSAGE_BYTES
-from inferno.http.client import ClientResponse, HTTPClient, Timeouts
-from inferno.http.client_errors import (
+from inferno.http import (
     ClientError,
+    ClientResponse,
     ClientTimeout,
     ConnectError,
+    HTTPClient,
     PoolTimeout,
     ReadError,
     RemoteProtocolError,
+    Request,
+    Response,
+    Timeouts,
     WriteError,
 )
+from inferno.http.websocket import DEFAULT_MAX_MESSAGE_BYTES
 from inferno.metrics import Registry
 from inferno_proxy.auth import ApiKeys, RateLimits
 from inferno_proxy.budget import RetryBudget, retry_after_header

@@ -30,8 +30,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 
-from inferno.http.client import ClientResponse
-from inferno.http.client_errors import ClientError, ClientTimeout
+from inferno.http import ClientError, ClientResponse, ClientTimeout
 from inferno_proxy.nodes import Lease, Outcome
 
 if TYPE_CHECKING:
