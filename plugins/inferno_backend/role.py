@@ -172,14 +172,16 @@ def make_sim_engine(ctx: RoleContext) -> Engine:
     :raises ConfigError: naming every bad setting.
     """
     from inferno_backend.engines.sim import SimEngine, SimFaults
-    from inferno_backend.profiles import ProfileError, load_profile, profile_names
+    from inferno_backend.profiles import ProfileError, load_profile
 
     settings = BackendSettings.from_section(ctx.config.section("backend"))
     problems: list[ConfigProblem] = []
     try:
         profile = load_profile(settings.sim_profile)
     except ProfileError as exc:
-        problems.append(_problem(ctx, "sim_profile", str(exc), ", ".join(profile_names())))
+        # The message says it all: the shipped names for an unknown one, the file
+        # and key at fault for a profile file (shipped names would not help there).
+        problems.append(_problem(ctx, "sim_profile", str(exc)))
     try:
         faults = SimFaults.parse(settings.sim_faults)
     except ValueError as exc:

@@ -657,6 +657,31 @@ def test_a_node_id_load_balancers_would_refuse_is_a_config_error(
 
 
 @pytest.mark.usefixtures("backend_plugin")
+def test_a_bad_profile_file_says_what_is_wrong_in_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shipped = (ROOT / "plugins/inferno_backend/profiles/cpu-tiny.toml").read_text()
+    broken = tmp_path / "broken.toml"
+    broken.write_text(re.sub(r"decode_base_ms = .*", 'decode_base_ms = "fast"', shipped))
+    assert main(["backend", "--port=0", "--ops-port=0", "--sim-profile", str(broken)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "sim_profile" in line]
+    assert lines == [
+        f"backend.sim_profile (flag --sim-profile): {broken}: timing.decode_base_ms: "
+        "must be a number >= 0, got 'fast'"
+    ]  # and no list of shipped profiles: they are not what is wrong
+
+
+@pytest.mark.usefixtures("backend_plugin")
+def test_an_unknown_profile_name_lists_the_shipped_ones_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["backend", "--port=0", "--ops-port=0", "--sim-profile", "h200"]) == 2
+    err = capsys.readouterr().err
+    assert "h200: no such profile (shipped: " in err
+    assert err.count("cpu-tiny") == 1
+
+
+@pytest.mark.usefixtures("backend_plugin")
 def test_config_shows_settings_and_hides_the_secret(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "backend", "--shared-secret", "hush", "--max-queue", "7"]) == 0
     out = capsys.readouterr().out
