@@ -162,7 +162,10 @@ class Node:
     :ivar circuit: its :class:`~inferno_proxy.circuit.CircuitBreaker`.
     :ivar models: the models it serves now (its vitals' list when they report
         one, else its registration's); empty means "unknown: any model".
-    :ivar in_flight: requests this proxy has sent it and not yet finished.
+    :ivar in_flight: requests this proxy has sent it and not yet finished (in a
+        worker process of a multi-process proxy: this process's own).
+    :ivar peer_in_flight: requests the other worker processes of this proxy
+        have in flight at it, as last reported (always 0 with one process).
     :ivar vitals: its latest vitals, or ``None``; :attr:`vitals_at` when read.
     :ivar added_at: when it entered the pool.
     :ivar joined_at: when it last became fully in rotation (slow start runs
@@ -187,6 +190,7 @@ class Node:
         "last_progress",
         "models",
         "noted_in_rotation",
+        "peer_in_flight",
         "settings",
         "source",
         "stalled_since",
@@ -204,6 +208,7 @@ class Node:
         self._model_set: frozenset[str] = frozenset()
         self.set_models(info.models)
         self.in_flight = 0
+        self.peer_in_flight = 0
         self.vitals: NodeVitals | None = None
         self.vitals_at: float | None = None
         self.added_at = now
@@ -256,8 +261,9 @@ class Node:
 
     @property
     def load(self) -> int:
-        """What load-aware policies compare: this proxy's in-flight plus the node's queue."""
-        return self.in_flight + self.queue_depth
+        """What load-aware policies compare: this proxy's in-flight (all its processes')
+        plus the node's queue."""
+        return self.in_flight + self.peer_in_flight + self.queue_depth
 
     def serves(self, model: str | None) -> bool:
         """Whether it can serve *model* (``None``: any request; no known models: any model)."""

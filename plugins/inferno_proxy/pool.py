@@ -37,6 +37,7 @@ from inferno.protocol import (
     format_address,
     parse_address,
 )
+from inferno_proxy.circuit import NOT_PROBE, Admission
 from inferno_proxy.fsm import Transition
 from inferno_proxy.health import HealthState
 from inferno_proxy.nodes import (
@@ -312,23 +313,71 @@ class Pool:
         node = lease.node
         node.in_flight -= 1
         changes: list[NodeChange] = []
-        circuit = node.circuit
-        if outcome is Outcome.SUCCESS:
-            transition = circuit.record_success(lease.admission, now)
-            self._record(node, ChangeKind.CIRCUIT, transition, changes)
-        elif outcome is Outcome.NEUTRAL:
-            circuit.release(lease.admission)
-        else:
-            what = reason or outcome.value
-            failed = circuit.record_failure(lease.admission, now, what)
-            self._record(node, ChangeKind.CIRCUIT, failed, changes)
-            if outcome is Outcome.TRANSPORT_FAILURE:
-                health = node.health.passive_failure(now, what)
-                self._record(node, ChangeKind.HEALTH, health, changes)
+        self._judge(node, lease.admission, outcome, now, reason, changes)
         if node.in_flight == 0 and node.stalled_since is not None:
             self._unstall(node, now, "its requests ended", changes)
         if node.in_flight == 0 and node.draining_since is not None and self._holds(node):
             changes.extend(self.remove(node.id, now, "drained"))
+        self._settle(node, now, changes)
+        return tuple(changes)
+
+    # --- traffic of other processes (``--workers``) -----------------------------------------
+
+    def admit(self, node_id: str) -> Admission | None:
+        """A circuit ticket for a request another process starts on *node_id*.
+
+        :meth:`start` without counting the request in flight: a proxy's worker
+        processes report their counts apart (:meth:`set_traffic`).  ``None``
+        for an unknown id.
+        """
+        node = self._nodes.get(node_id)
+        return None if node is None else node.circuit.admit()
+
+    def record_outcome(
+        self,
+        node_id: str,
+        outcome: Outcome,
+        now: float,
+        reason: str = "",
+        admission: Admission = NOT_PROBE,
+    ) -> tuple[NodeChange, ...]:
+        """How a request another process sent to *node_id* ended.
+
+        What :meth:`finish` makes of *outcome* (circuit, passive health), without
+        the in-flight count, which :meth:`set_traffic` takes.  Ignored for an
+        unknown id.
+        """
+        node = self._nodes.get(node_id)
+        if node is None:
+            return _NO_CHANGES
+        changes: list[NodeChange] = []
+        self._judge(node, admission, outcome, now, reason, changes)
+        self._settle(node, now, changes)
+        return tuple(changes)
+
+    def set_traffic(
+        self, node_id: str, in_flight: int, last_progress: float, now: float
+    ) -> tuple[NodeChange, ...]:
+        """Requests in flight at *node_id* and its latest byte, as other processes report them.
+
+        A multi-process proxy's control plane counts no request itself; its
+        workers report theirs.  As with :meth:`progress` and :meth:`finish`, a
+        byte after a stall, or no request left, ends the stall, and a draining
+        node with nothing in flight is removed.  Ignored for an unknown id.
+        """
+        node = self._nodes.get(node_id)
+        if node is None:
+            return _NO_CHANGES
+        changes: list[NodeChange] = []
+        node.in_flight = max(0, in_flight)
+        node.last_progress = max(node.last_progress, last_progress)
+        stalled = node.stalled_since
+        if stalled is not None and node.in_flight == 0:
+            self._unstall(node, now, "its requests ended", changes)
+        elif stalled is not None and node.last_progress > stalled:
+            self._unstall(node, now, "a byte arrived", changes)
+        if node.in_flight == 0 and node.draining_since is not None:
+            return (*changes, *self.remove(node_id, now, "drained"))
         self._settle(node, now, changes)
         return tuple(changes)
 
@@ -373,6 +422,30 @@ class Pool:
         changes = [NodeChange(info.id, ChangeKind.ADDED, "", info.address, now, source.value)]
         self._settle(node, now, changes)
         return tuple(changes)
+
+    def _judge(
+        self,
+        node: Node,
+        admission: Admission,
+        outcome: Outcome,
+        now: float,
+        reason: str,
+        changes: list[NodeChange],
+    ) -> None:
+        """What a request's *outcome* says about *node*: circuit, and health for transport."""
+        circuit = node.circuit
+        if outcome is Outcome.SUCCESS:
+            transition = circuit.record_success(admission, now)
+            self._record(node, ChangeKind.CIRCUIT, transition, changes)
+        elif outcome is Outcome.NEUTRAL:
+            circuit.release(admission)
+        else:
+            what = reason or outcome.value
+            failed = circuit.record_failure(admission, now, what)
+            self._record(node, ChangeKind.CIRCUIT, failed, changes)
+            if outcome is Outcome.TRANSPORT_FAILURE:
+                health = node.health.passive_failure(now, what)
+                self._record(node, ChangeKind.HEALTH, health, changes)
 
     def _holds(self, node: Node) -> bool:
         return self._nodes.get(node.id) is node
