@@ -9,9 +9,10 @@ means chat and ``"prompt"`` completions::
      "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64}
 
 The answer is always streamed (``"stream"`` is ignored): one text message per
-chunk, in exactly the JSON of the SSE stream (``chat.completion.chunk`` or
-``text_completion``; ``stream_options.include_usage`` adds the usage chunk
-too), then one terminal message::
+chunk, in exactly the JSON of the SSE stream's ``data:`` lines
+(``chat.completion.chunk`` or ``text_completion``; with
+``stream_options.include_usage``, ``"usage": null`` in each and the usage
+chunk at the end, as over SSE), then one terminal message::
 
     {"done": true, "id": "chatcmpl-…", "finish_reason": "stop",
      "usage": {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42}}
@@ -101,7 +102,8 @@ async def _serve_request(api: InferenceAPI, ws: WebSocket, message: str | bytes)
         return
     api.count_stream(ROUTE)
     id_ = completion_id(parsed.kind)
-    encoder = ChunkEncoder(parsed.kind, id_, int(time.time()), parsed.model, True)
+    # The very chunks of the SSE stream: "usage": null only with include_usage.
+    encoder = ChunkEncoder(parsed.kind, id_, int(time.time()), parsed.model, parsed.include_usage)
     try:
         first = generation.first
         await ws.send(encoder.chunk(first.text, first.finish_reason).decode())

@@ -319,3 +319,30 @@ async def test_websocket_streams_chunks_then_a_terminal_message() -> None:
     assert (not_json[0]["status"], not_json[0]["error"]["code"]) == (400, "invalid_json")
     assert inferred[0]["object"] == "chat.completion.chunk"
     assert inferred[-1]["usage"]["completion_tokens"] <= 2
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_websocket_chunks_are_the_sse_chunks(include_usage: bool) -> None:
+    request: dict[str, Any] = {"model": MODEL, "messages": [USER], "max_tokens": 6, "seed": 3}
+    if include_usage:
+        request["stream_options"] = {"include_usage": True}
+    body = json.dumps({**request, "stream": True}).encode()
+    async with backend() as info, HTTPClient() as http:
+        async with http.stream(
+            "POST", f"{info.service.url}/v1/chat/completions", body=body
+        ) as response:
+            raw = b"".join([piece async for piece in response.iter_bytes()])
+        ws = await connect_websocket(f"ws://127.0.0.1:{info.service.port}/v1/ws")
+        try:
+            *over_ws, done = await exchange(ws, request)
+        finally:
+            await ws.close()
+    over_sse = [json.loads(e.removeprefix(b"data: ")) for e in raw.split(b"\n\n")[:-2]]
+    assert done["done"] is True
+
+    def same_stream(chunk: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in chunk.items() if key not in ("id", "created")}
+
+    assert [same_stream(c) for c in over_ws] == [same_stream(c) for c in over_sse]
+    assert all(("usage" in c) is include_usage for c in over_ws)
