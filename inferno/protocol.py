@@ -434,8 +434,9 @@ class NodeVitals(_WireType):
     :ivar cpu_usage: fraction of the machine's total CPU capacity in use
         (all cores together; 1.0 = every core busy) over the last sample
         window; 0.0 until the node has measured a first window.
-    :ivar memory_usage: fraction of the memory available to the node in use
-        (its cgroup limit when it has one, else the machine's).
+    :ivar memory_usage: fraction of memory in use: the machine's and, where
+        the node measures it, its cgroup's against the cgroup limit, whichever
+        is higher (a node is as full as its tightest limit).
     :ivar gpu_usage: fraction of time the GPUs were busy (mean over GPUs),
         or null.
     :ivar gpu_memory_usage: fraction of GPU memory in use (all GPUs), or null.
@@ -446,7 +447,8 @@ class NodeVitals(_WireType):
     :ivar failed_responses: responses that failed (5xx or broken streams),
         since start.
     :ivar backoff_requests: requests turned away with a back-off answer
-        (429/503 with Retry-After) because the node was full, since start.
+        (429/503 with Retry-After): because the node was full, or because it
+        was draining for shutdown, since start.
     :ivar connected_peers: peers this node currently knows (a proxy: its
         registered nodes; a backend: proxies it is registered with).
     :ivar uptime_seconds: seconds since the node process started, >= 0.

@@ -72,8 +72,11 @@ __all__ = [
     "parse_meminfo",
     "parse_mountinfo_cgroup2",
     "parse_pid_stat_cpu_ticks",
+    "parse_pid_stat_start_ticks",
     "parse_proc_stat_cpu",
     "parse_statm_rss_pages",
+    "parse_uptime_seconds",
+    "process_age_seconds",
 ]
 
 #: Seconds between two samples taken by :meth:`SystemSampler.run`.  At the
@@ -174,6 +177,41 @@ def parse_pid_stat_cpu_ticks(text: str) -> int:
         return int(fields[11]) + int(fields[12])
     except ValueError as exc:
         raise ValueError("/proc/<pid>/stat utime/stime are not numeric") from exc
+
+
+def parse_pid_stat_start_ticks(text: str) -> int:
+    """Return starttime (field 22: clock ticks after boot) from a ``/proc/<pid>/stat`` line."""
+    _, paren, rest = text.rpartition(")")
+    fields = rest.split()
+    if not paren or len(fields) < 20:
+        raise ValueError("/proc/<pid>/stat is too short for starttime")
+    try:
+        return int(fields[19])
+    except ValueError as exc:
+        raise ValueError("/proc/<pid>/stat starttime is not numeric") from exc
+
+
+def parse_uptime_seconds(text: str) -> float:
+    """Return the seconds since boot, the first field of ``/proc/uptime``."""
+    try:
+        return float(text.split()[0])
+    except (IndexError, ValueError) as exc:
+        raise ValueError(f"/proc/uptime is not 'seconds idle': {text[:80]!r}") from exc
+
+
+def process_age_seconds(proc_root: str | os.PathLike[str] = "/proc") -> float | None:
+    """Seconds since this process started (``/proc/uptime`` less its starttime), or ``None``.
+
+    Both readings count from boot, so their difference does not depend on
+    when the caller asks; ticks are USER_HZ (10 ms on every usual kernel).
+    """
+    root = Path(proc_root)
+    try:
+        uptime = parse_uptime_seconds((root / "uptime").read_text(encoding="ascii"))
+        start = parse_pid_stat_start_ticks((root / "self" / "stat").read_text(encoding="ascii"))
+    except (OSError, ValueError):
+        return None
+    return max(0.0, uptime - start / _sysconf("SC_CLK_TCK", 100))
 
 
 def parse_statm_rss_pages(text: str) -> int:

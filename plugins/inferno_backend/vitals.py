@@ -32,6 +32,10 @@ What each NodeVitals field means here:
     since start.
 ``connected_peers``
     load balancers this node is registered with now.
+``uptime_seconds``
+    since the node's process started (``/proc``; else since this module was
+    imported), so a crash loop shows as a small uptime even when the vitals
+    are set up late in start-up.
 
 The same figures are gauges in ``/telemetry`` (``inferno_backend_*``), with per-GPU
 utilisation, memory, temperature and power (``inferno_gpu_*``).
@@ -57,11 +61,13 @@ from inferno.protocol import NodeVitals
 from inferno_backend.api import InferenceAPI, health_response
 from inferno_backend.engines.base import EngineStats
 from inferno_backend.gpu import GPUSampler, GPUSnapshot
-from inferno_backend.system import SystemSample, SystemSampler
+from inferno_backend.system import SystemSample, SystemSampler, process_age_seconds
 
 __all__ = ["Vitals", "node_vitals"]
 
 _NAN: Final = math.nan
+#: When this module was imported (monotonic): the process's start when /proc cannot tell.
+_IMPORTED: Final = time.monotonic()
 
 
 def _fraction(value: float | None) -> float | None:
@@ -119,6 +125,9 @@ class Vitals:
     :param gpu: the NVML sampler, running in the background.
     :param registry: the role's metrics; vitals gauges are added to it.
     :param peers: how many load balancers the node is registered with now.
+    :param clock: monotonic seconds.
+    :param started: the ``clock`` reading at which the node started; by
+        default when this process started.
     """
 
     def __init__(
@@ -130,6 +139,7 @@ class Vitals:
         *,
         peers: Callable[[], int] = lambda: 0,
         clock: Callable[[], float] = time.monotonic,
+        started: float | None = None,
     ) -> None:
         self.api = api
         self.system = system
@@ -137,7 +147,10 @@ class Vitals:
         self.registry = registry
         self.peers = peers
         self._clock = clock
-        self._started = clock()
+        if started is None:
+            age = process_age_seconds()
+            started = clock() - (age if age is not None else time.monotonic() - _IMPORTED)
+        self._started = started
         self._add_gauges()
 
     def snapshot(self) -> NodeVitals:
@@ -242,7 +255,7 @@ class Vitals:
         )
         gauge(
             "inferno_backend_uptime_seconds",
-            "Seconds since the node started.",
+            "Seconds since the node's process started.",
             lambda: self._clock() - self._started,
         )
         labels = ("gpu", "name")

@@ -23,8 +23,11 @@ from inferno_backend.system import (
     parse_meminfo,
     parse_mountinfo_cgroup2,
     parse_pid_stat_cpu_ticks,
+    parse_pid_stat_start_ticks,
     parse_proc_stat_cpu,
     parse_statm_rss_pages,
+    parse_uptime_seconds,
+    process_age_seconds,
 )
 
 MiB = 1024 * 1024
@@ -90,6 +93,31 @@ def test_pid_stat_counts_fields_after_the_last_parenthesis() -> None:
 def test_pid_stat_rejects_short_or_garbled_lines(text: str) -> None:
     with pytest.raises(ValueError, match="stat"):
         parse_pid_stat_cpu_ticks(text)
+
+
+def test_pid_stat_start_ticks_is_field_22() -> None:
+    line = "7 (a (b) c) S 1 7 7 0 -1 4194560 100 0 0 0 10 5 0 0 20 0 1 0 123456 9000 300"
+    assert parse_pid_stat_start_ticks(line) == 123456
+    with pytest.raises(ValueError, match="too short"):
+        parse_pid_stat_start_ticks("7 (x) S 1 2 3")
+
+
+def test_uptime_seconds() -> None:
+    assert parse_uptime_seconds("350735.47 234388.90\n") == 350735.47
+    with pytest.raises(ValueError, match="/proc/uptime"):
+        parse_uptime_seconds("")
+
+
+def test_process_age_from_proc(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    write(proc / "uptime", "1000.50 1900.00\n")
+    stat = f"7 (python3) S 1 7 7 0 -1 0 0 0 0 0 10 5 0 0 20 0 1 0 {900 * TICKS} 9000 300\n"
+    write(proc / "self" / "stat", stat)
+    assert process_age_seconds(proc) == pytest.approx(100.5)
+    assert process_age_seconds(tmp_path / "absent") is None
+    real = process_age_seconds()
+    assert real is not None
+    assert real > 0
 
 
 def test_statm_resident_pages() -> None:

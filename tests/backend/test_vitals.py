@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
@@ -37,6 +38,8 @@ WAIT = 10.0
 MODEL = "sim-tiny"
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "How are you?"}]
 GiB = 1024**3
+#: This module's import: the test process had started by then.
+IMPORTED = time.monotonic()
 
 
 def driver_present() -> bool:
@@ -169,6 +172,16 @@ async def test_metrics_json_is_valid_node_vitals() -> None:
         health = await get(http, f"{info.ops.url}/health")
         assert health[0] == 200
         assert (await get(http, f"{info.ops.url}/nope"))[0] == 404
+
+
+async def test_uptime_counts_from_the_process_start() -> None:
+    async with backend() as info, HTTPClient() as http:
+        before = time.monotonic()
+        status, _, body = await get(http, f"{info.ops.url}/metrics")
+    assert status == 200
+    # The process started before this module was imported, which was before the
+    # backend set its vitals up: uptime covers at least that much.
+    assert json.loads(body)["uptime_seconds"] >= before - IMPORTED
 
 
 async def test_prometheus_by_accept_and_telemetry() -> None:
