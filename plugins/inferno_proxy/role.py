@@ -30,12 +30,13 @@ says it is meant.  The shared secret is never logged.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import ipaddress
 import logging
 import pathlib
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -55,10 +56,11 @@ from inferno_proxy.auth import ApiKeyFileError, ApiKeys, RateLimits
 from inferno_proxy.budget import RetryBudget
 from inferno_proxy.forward import ServiceApp
 from inferno_proxy.healthloop import ChangeReporter, HealthLoop
-from inferno_proxy.ops import MAX_OPS_BODY_BYTES, OpsApp, ServiceLoad
+from inferno_proxy.ops import MAX_OPS_BODY_BYTES, LoadSource, OpsApp, ServiceLoad
 from inferno_proxy.policies import RoutingPolicy
 from inferno_proxy.pool import Pool
 from inferno_proxy.settings import ProxySettings
+from inferno_proxy.workermetrics import count_backoff
 
 __all__ = [
     "STOP_RESERVE",
@@ -135,8 +137,29 @@ async def run(ctx: RoleContext) -> None:
     ssl_context = _service_ssl_context(settings, ctx.config.source)
     api_keys = _load_api_keys(settings, ctx.config.source)
     parts = _make_parts(ctx, settings, policies, checkers)
+    count = settings.worker_count()
     try:
         async with anyio.create_task_group() as tg:
+            if count > 1:
+                from inferno_proxy.workers import WorkersInfo, make_boot, serve_workers
+
+                workers: WorkersInfo = await tg.start(
+                    functools.partial(
+                        serve_workers,
+                        settings,
+                        parts,
+                        count=count,
+                        boot=make_boot(ctx.config, _drain_budget(ctx.shutdown_timeout)),
+                        registry=ctx.metrics,
+                        stopping=ctx.stopping,
+                        shutdown_timeout=ctx.shutdown_timeout,
+                        uvloop=_uses_uvloop(ctx),
+                        scheme="http" if ssl_context is None else "https",
+                    )
+                )
+                if settings.api_keys is not None:
+                    ctx.on_reload(workers.supervisor.reload)
+                return
             info: ProxyInfo = await tg.start(
                 functools.partial(
                     serve_proxy,
@@ -154,6 +177,14 @@ async def run(ctx: RoleContext) -> None:
     except Exception as exc:
         # A task group wraps even a failed start in an exception group: one line is enough.
         raise _find(exc, InfernoError) or exc from None
+
+
+def _uses_uvloop(ctx: RoleContext) -> bool:
+    """Whether this process runs uvloop (its workers then do too)."""
+    choice = ctx.config["runtime.event_loop"]
+    return choice == "uvloop" or (
+        choice == "auto" and importlib.util.find_spec("uvloop") is not None
+    )
 
 
 def _load_api_keys(settings: ProxySettings, source: Callable[[str], str]) -> ApiKeys | None:
@@ -227,8 +258,6 @@ def check_settings(
         problem("tls_key", "is set without tls_cert", "set tls_cert too")
     if settings.circuit_max_cooldown < settings.circuit_cooldown:
         problem("circuit_max_cooldown", "is below circuit_cooldown", "at least circuit_cooldown")
-    if settings.workers != 1:
-        problem("workers", f"{settings.workers} workers: this version runs 1 process", "1")
     for address in settings.backends:
         try:
             parse_address(str(address))  # what the pool will insist on: no wildcard, a real port
@@ -340,45 +369,90 @@ async def serve_proxy(
             reporter.on_change = app.pool_changed
             for address in settings.backends:
                 reporter.report(pool.add_static(str(address), clock()))
-            ops = OpsApp(
-                pool,
-                reporter=reporter,
-                registry=registry,
-                shared_secret=settings.shared_secret,
-                load=functools.partial(_service_load, app, registry),
-                clock=clock,
+            load = functools.partial(_service_load, app, registry)
+            ops, health = control_plane(
+                settings, parts, pool, reporter, registry, load, clock, tick_interval
             )
-            health = HealthLoop(
-                pool,
-                checker=parts.checker,
-                static_checker=parts.static_checker,
-                interval=settings.health_interval,
-                timeout=settings.health_timeout,
-                registry=registry,
-                reporter=reporter,
-                clock=clock,
-                **({"tick_interval": tick_interval} if tick_interval else {}),
-            )
+
+            async def start_service(group: anyio.abc.TaskGroup, stop: anyio.Event) -> ServerInfo:
+                return await _listen(
+                    group,
+                    "port",
+                    app.handle,
+                    host=settings.host,
+                    port=settings.port,
+                    limits=settings.server_limits(),
+                    ssl_context=ssl_context,
+                    shutdown=stop,
+                    shutdown_timeout=_drain_budget(shutdown_timeout),
+                    name="proxy",
+                )
+
+            def started(service: ServerInfo, ops_info: ServerInfo) -> None:
+                task_status.started(ProxyInfo(service, ops_info, app, ops))
+
             try:
-                await _serve(
+                await serve_ports(
                     settings,
                     ops,
                     health,
-                    app,
-                    ssl_context,
+                    start_service,
                     stopping,
                     _drain_budget(shutdown_timeout),
-                    task_status,
+                    started,
                 )
             except Exception as exc:
                 # Task groups wrap a failed start in exception groups; say it in one line.
                 raise _find(exc, ListenError) or exc from None
     finally:
-        with anyio.CancelScope(shield=True):
-            await parts.checker.aclose()
-            if parts.static_checker is not parts.checker:
-                await parts.static_checker.aclose()
+        await close_parts(parts)
     logger.info("proxy stopped")
+
+
+def control_plane(
+    settings: ProxySettings,
+    parts: ProxyParts,
+    pool: Pool,
+    reporter: ChangeReporter,
+    registry: Registry,
+    load: LoadSource,
+    clock: Callable[[], float],
+    tick_interval: float | None = None,
+    ops_class: type[OpsApp] = OpsApp,
+) -> tuple[OpsApp, HealthLoop]:
+    """The operations port's handler and the health loop over *pool*.
+
+    :param load: the data path's figures for the proxy's vitals.
+    :param ops_class: :class:`OpsApp` or a subclass (the multi-process one).
+    """
+    ops = ops_class(
+        pool,
+        reporter=reporter,
+        registry=registry,
+        shared_secret=settings.shared_secret,
+        load=load,
+        clock=clock,
+    )
+    health = HealthLoop(
+        pool,
+        checker=parts.checker,
+        static_checker=parts.static_checker,
+        interval=settings.health_interval,
+        timeout=settings.health_timeout,
+        registry=registry,
+        reporter=reporter,
+        clock=clock,
+        **({"tick_interval": tick_interval} if tick_interval else {}),
+    )
+    return ops, health
+
+
+async def close_parts(parts: ProxyParts) -> None:
+    """Close the checkers of *parts* (shielded: this runs while stopping)."""
+    with anyio.CancelScope(shield=True):
+        await parts.checker.aclose()
+        if parts.static_checker is not parts.checker:
+            await parts.static_checker.aclose()
 
 
 async def _listen(
@@ -406,16 +480,25 @@ def _find(exc: BaseException, kind: type[E]) -> E | None:
     return None
 
 
-async def _serve(
+#: Starts the service port in a task group; it stops accepting and drains when
+#: the event is set, and its task ends once drained.
+StartService = Callable[[anyio.abc.TaskGroup, anyio.Event], Awaitable[ServerInfo]]
+
+
+async def serve_ports(
     settings: ProxySettings,
     ops: OpsApp,
     health: HealthLoop,
-    app: ServiceApp,
-    ssl_context: ssl.SSLContext | None,
+    start_service: StartService,
     stopping: anyio.Event,
     drain_budget: float,
-    task_status: anyio.abc.TaskStatus[ProxyInfo],
+    started: Callable[[ServerInfo, ServerInfo], None],
 ) -> None:
+    """Operations port, service port, health loop; then, on *stopping*, the stop sequence.
+
+    :param started: called with the service and operations ports' info once
+        both listen and the health loop runs.
+    """
     ops_stop, service_stop = anyio.Event(), anyio.Event()
     checking = anyio.CancelScope()
 
@@ -436,25 +519,14 @@ async def _serve(
             name="proxy-ops",
         )
         async with anyio.create_task_group() as service_group:
-            service = await _listen(
-                service_group,
-                "port",
-                app.handle,
-                host=settings.host,
-                port=settings.port,
-                limits=settings.server_limits(),
-                ssl_context=ssl_context,
-                shutdown=service_stop,
-                shutdown_timeout=drain_budget,
-                name="proxy",
-            )
+            service = await start_service(service_group, service_stop)
             await outer.start(run_health)
             logger.info(
                 "proxy listening on %s (ops %s)",
                 format_address(service.host, service.port),
                 format_address(ops_info.host, ops_info.port),
             )
-            task_status.started(ProxyInfo(service, ops_info, app, ops))
+            started(service, ops_info)
             await stopping.wait()
             logger.info("proxy stopping: draining requests in flight for up to %gs", drain_budget)
             ops.start_draining()
@@ -468,15 +540,7 @@ async def _serve(
 
 def _service_load(app: ServiceApp, registry: Registry) -> ServiceLoad:
     """The data path's figures for the proxy's vitals (read per ``GET /metrics``)."""
-    failed = backoff = 0
-    family = registry.snapshot().get("inferno_proxy_requests_total", {})
-    for series in family.get("series", ()):
-        status = str(series.get("labels", {}).get("status", ""))
-        count = int(series.get("value") or 0)
-        if status in ("429", "503"):
-            backoff += count  # answered with Retry-After: come back later
-        elif status.startswith("5"):
-            failed += count
+    failed, backoff = count_backoff(registry.snapshot())
     return ServiceLoad(
         in_flight=app.in_flight(),
         queued=app.queue.total(),

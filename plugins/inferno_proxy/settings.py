@@ -18,10 +18,11 @@ checked against the plugins' tables when the role starts.
 
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from inferno.config import (
     Address,
@@ -37,6 +38,7 @@ from inferno.config import (
     Setting,
     Size,
     Str,
+    TomlValue,
 )
 
 if TYPE_CHECKING:
@@ -47,9 +49,11 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_OPS_PORT",
     "DEFAULT_PORT",
+    "MAX_WORKERS",
     "PROXY_SECTION",
     "SECRET_SETTINGS",
     "ProxySettings",
+    "WorkerCount",
 ]
 
 DEFAULT_PORT: Final = 8080  # the service port clients send inference requests to
@@ -60,6 +64,30 @@ DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 #: Settings whose values never appear in logs or ``repr``.
 SECRET_SETTINGS: Final = frozenset({"shared_secret"})
 _SHORTEST_INTERVAL: Final = 0.01  # seconds; below this a check loop would only burn CPU
+
+#: Most worker processes: far above any machine's cores, low enough that a typo
+#: (``--workers 10000``) is refused rather than forking the machine to death.
+MAX_WORKERS: Final = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerCount:
+    """``auto`` (stored as 0: one process per core) or a number of processes."""
+
+    metavar: ClassVar[str] = "N|auto"
+
+    def parse(self, raw: object) -> int:
+        if isinstance(raw, str) and raw.strip().lower() == "auto":
+            return 0
+        value: int = Int(min=0, max=MAX_WORKERS).parse(raw)
+        return value
+
+    def describe(self) -> str:
+        return f"auto, or an integer from 0 (auto) to {MAX_WORKERS}"
+
+    def render(self, value: Any) -> TomlValue:
+        return "auto" if value == 0 else int(value)
+
 
 PROXY_SECTION: Final = Section(
     "proxy",
@@ -87,9 +115,16 @@ PROXY_SECTION: Final = Section(
         ),
         Setting(
             "workers",
-            Int(min=1, max=1024),
+            WorkerCount(),
             1,
-            "processes serving the service port (only 1 is supported in this version)",
+            "processes serving the service port, sharing it (SO_REUSEPORT); auto: one per core",
+        ),
+        Setting(
+            "worker_header",
+            Bool(),
+            False,
+            "add X-Inferno-Worker: <pid> to responses, naming the process that answered "
+            "(debugging, tests)",
         ),
         Setting("tls_cert", Path(), None, "PEM certificate (chain) for TLS on the service port"),
         Setting("tls_key", Path(), None, "PEM private key for --tls-cert (if not in that file)"),
@@ -328,6 +363,7 @@ class ProxySettings:
     ops_host: str = "127.0.0.1"
     ops_port: int = 0
     workers: int = 1
+    worker_header: bool = False
     tls_cert: pathlib.Path | None = None
     tls_key: pathlib.Path | None = None
     backends: tuple[HostPort, ...] = ()
@@ -373,6 +409,15 @@ class ProxySettings:
     def from_section(cls, values: Mapping[str, Any]) -> ProxySettings:
         """Build from ``config.section("proxy")``; keys this class does not know are ignored."""
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+    def worker_count(self) -> int:
+        """Processes to run: :attr:`workers`, or (0) one per core this process may use."""
+        if self.workers > 0:
+            return self.workers
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):  # no affinity outside Linux
+            return max(1, os.cpu_count() or 1)
 
     def pool_settings(self) -> PoolSettings:
         """The pool's tuning: health thresholds, circuit breaker, safety valves.

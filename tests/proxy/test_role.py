@@ -229,7 +229,6 @@ def source(dotted: str) -> str:
         ({"shared_secret": "x", "open_enrollment": True}, "proxy.open_enrollment"),
         ({"tls_key": Path("key.pem")}, "proxy.tls_key"),
         ({"circuit_cooldown": 10.0, "circuit_max_cooldown": 5.0}, "proxy.circuit_max_cooldown"),
-        ({"workers": 2}, "proxy.workers"),
         ({"backends": (HostPort("0.0.0.0", 80),)}, "proxy.backends"),
         ({"backends": (HostPort("127.0.0.1", 0),)}, "proxy.backends"),
     ],

@@ -1,0 +1,624 @@
+"""``--workers N``: the service port served by N processes, one pool kept by the parent.
+
+The process the CLI started (the *parent*) keeps the operations port, the
+health loop and the authoritative pool, and serves no client request.  It
+reserves the service port, then starts N worker processes
+(:mod:`inferno_proxy.workerproc`), each running the data path
+(:class:`~inferno_proxy.forward.ServiceApp`) on a
+:class:`~inferno_proxy.replica.ReplicaPool` and listening on the same port
+with ``SO_REUSEPORT``, so the kernel spreads connections over them::
+
+    parent: reserve port (bound, not listening) -> spawn workers -> each: boot, snapshot,
+            listen -> "listening" -> log "proxy listening on ..." -> stop: SIGTERM each,
+            wait for their drain -> close the reservation
+
+**The port.**  ``--port 0`` must pick one port for all: the parent binds a
+socket with ``SO_REUSEPORT`` and keeps it, bound but never listening, for its
+whole life.  Linux puts only *listening* sockets in a port's reuse group, so
+the reservation receives no connection, while no other program can take the
+port from a worker that restarts.
+
+**The channel.**  One Unix socketpair per worker carries pickled frames
+(:mod:`inferno_proxy.workerwire`).  Parent to worker: the boot frame, pool snapshots and deltas
+the moment the pool changes (:class:`~inferno_proxy.replica.StatePublisher`),
+the other workers' in-flight counts every :data:`LOAD_INTERVAL`, ``reload``
+on SIGHUP.  Worker to parent: ``listening``, reports of its traffic (at once
+after a failure, else every :data:`~inferno_proxy.workerproc.REPORT_INTERVAL`)
+and its metrics every :data:`~inferno_proxy.workerproc.METRICS_INTERVAL`.
+
+**Crashes.**  A worker that dies is restarted after a short backoff; its
+requests in flight are forgotten with it.  A worker that cannot start (a port
+it cannot bind), or more than :data:`MAX_RESTARTS` deaths within
+:data:`RESTART_WINDOW`, fails the proxy (exit non-zero): a proxy that keeps
+crashing is better replaced by its supervisor than left limping.
+
+**Stopping.**  The parent's stop signal becomes SIGTERM to each worker, which
+drains like a single-process proxy; a worker still running
+:data:`EXIT_GRACE` after the drain budget is killed.  Workers run in their own
+session (a terminal's Ctrl-C reaches the parent alone, which stops them once),
+ask Linux to kill them when the parent dies, and stop when their channel
+closes, so none outlives it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import anyio
+import anyio.abc
+
+from inferno.config import Config
+from inferno.errors import InfernoError
+from inferno.http import ServerInfo
+from inferno.logs import LEVELS, JSONFormatter
+from inferno.metrics import Registry
+from inferno.protocol import format_address
+from inferno_proxy.healthloop import ChangeReporter, HealthLoop
+from inferno_proxy.ops import ServiceLoad
+from inferno_proxy.pool import Pool
+from inferno_proxy.replica import Report, StatePublisher, TrafficLedger
+from inferno_proxy.role import (
+    STOP_RESERVE,
+    ListenError,
+    ProxyParts,
+    close_parts,
+    control_plane,
+    serve_ports,
+)
+from inferno_proxy.settings import ProxySettings
+from inferno_proxy.workermetrics import WorkersOpsApp, count_backoff
+from inferno_proxy.workerwire import Channel, ChannelClosed, WorkerBoot
+
+__all__ = [
+    "Supervisor",
+    "WorkerFailed",
+    "WorkersInfo",
+    "make_boot",
+    "reserve_port",
+    "serve_workers",
+    "worker_command",
+]
+
+logger = logging.getLogger("inferno_proxy.workers")
+
+#: Seconds between two sends of the other workers' in-flight counts.
+LOAD_INTERVAL: Final = 0.1
+#: Seconds between two pool deltas without a change to announce (vitals refreshed).
+RESYNC_INTERVAL: Final = 1.0
+#: Longest an operations-port registration waits for the workers to apply it (seconds).
+SYNC_TIMEOUT: Final = 2.0
+#: Seconds a burst of changes is gathered into one delta.
+PUBLISH_GAP: Final = 0.005
+#: Seconds a worker has to start listening before it counts as failed.
+START_TIMEOUT: Final = 60.0
+#: Deaths of one worker within RESTART_WINDOW seconds that fail the proxy.
+MAX_RESTARTS: Final = 5
+RESTART_WINDOW: Final = 60.0
+#: First wait before restarting a worker, doubled on each death in the window (seconds).
+RESTART_BACKOFF: Final = 0.2
+#: Seconds a worker may run past its drain budget before it is killed.
+EXIT_GRACE: Final = 1.0
+#: What a worker interpreter runs (``-c``); its arguments follow.
+WORKER_BOOT: Final = "from inferno_proxy.workerproc import worker_main; worker_main()"
+
+
+class WorkerFailed(InfernoError):
+    """Raised when a worker cannot start, or dies too often: the proxy stops."""
+
+
+# --- the parent's side -------------------------------------------------------------------------
+
+
+def reserve_port(host: str, port: int) -> list[socket.socket]:
+    """Bind (never listen) a ``SO_REUSEPORT`` socket on each address of *host*, one port.
+
+    :raises OSError: when the port cannot be bound (in use without
+        ``SO_REUSEPORT``, not permitted, no such address).
+    """
+    found = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_ADDRCONFIG
+    )
+    reserved: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in found:
+            if any(s.family == family and s.getsockname()[0] == address[0] for s in reserved):
+                continue  # getaddrinfo repeats an address per protocol
+            sock = socket.socket(family, kind, proto)
+            reserved.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as anyio binds
+            chosen = reserved[0].getsockname()[1] if len(reserved) > 1 else port
+            sock.bind((str(address[0]), chosen, *address[2:]))
+    except BaseException:
+        for sock in reserved:
+            sock.close()
+        raise
+    return reserved
+
+
+def worker_command(index: int, fd: int, uvloop: bool) -> list[str]:
+    """The command of worker *index*: this interpreter, its import-deciding flags, the boot.
+
+    In a ``--venv`` pex ``sys.executable`` is the pex's venv python, where
+    ``inferno_proxy`` is installed; elsewhere the venv or ``PYTHONPATH`` that
+    made it importable here does the same there.
+    """
+    if not sys.executable:
+        raise WorkerFailed("cannot start workers: this Python does not know its own executable")
+    flags = sys.flags
+    options = ["-I"] if flags.isolated else []
+    if not flags.isolated:
+        options += ["-E"] if flags.ignore_environment else []
+        options += ["-s"] if flags.no_user_site else []
+        options += ["-P"] if getattr(flags, "safe_path", False) else []
+    options += ["-S"] if flags.no_site else []
+    options += ["-B"] if flags.dont_write_bytecode else []
+    parent = str(os.getpid())
+    return [
+        sys.executable,
+        *options,
+        "-c",
+        WORKER_BOOT,
+        parent,
+        str(fd),
+        str(index),
+        str(int(uvloop)),
+    ]
+
+
+@dataclass(eq=False)
+class _Worker:
+    index: int
+    process: anyio.abc.Process
+    channel: Channel
+    ready: anyio.Event
+    failure: str = ""
+    metrics: dict[str, Any] | None = None
+    applied: int = 0  # the latest pool version it acknowledged
+    peers_sent: dict[str, int] | None = None
+
+
+class Supervisor:
+    """Starts, feeds and restarts the workers (see the module docstring).
+
+    :param count: workers to run.
+    :param boot: what each worker boots with (its ``port`` is set here).
+    :param host: the service port's address.
+    :param port: its port (0: any free one).
+    :param pool: :param reporter: the authoritative pool and its change reporter.
+    :param uvloop: whether workers run uvloop.
+    :param clock: monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        count: int,
+        boot: WorkerBoot,
+        *,
+        host: str,
+        port: int,
+        pool: Pool,
+        reporter: ChangeReporter,
+        uvloop: bool = False,
+        scheme: str = "http",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.count = count
+        self.boot = boot
+        self.host = host
+        self.port = port
+        self.scheme = scheme
+        self.pool = pool
+        self.reporter = reporter
+        self.uvloop = uvloop
+        self.clock = clock
+        self.publisher = StatePublisher(pool)
+        self.ledger = TrafficLedger(pool)
+        self.workers: dict[int, _Worker] = {}
+        self._dirty = anyio.Event()
+        self._acked = anyio.Event()  # set (and replaced) on each acknowledgement
+        self._version = 0  # of the pool state sent to the workers
+        self._stopping = False
+
+    # --- what the control plane calls -------------------------------------------------------
+
+    def pool_changed(self) -> None:
+        """The pool changed: publish a delta to every worker (now, bursts gathered)."""
+        self._dirty.set()
+
+    def reload(self) -> None:
+        """SIGHUP: every worker reads its reloadable files (API keys) again."""
+        self._broadcast(("reload",))
+
+    def stopping(self) -> bool:
+        """Whether the proxy is stopping (workers that exit now are not restarted)."""
+        return self._stopping
+
+    def pids(self) -> dict[int, int]:
+        """``worker index -> pid`` of the workers running now."""
+        return {i: w.process.pid for i, w in self.workers.items() if w.process.returncode is None}
+
+    def load(self) -> ServiceLoad:
+        """The data path's figures, all workers together, for the proxy's vitals."""
+        in_flight, queued = self.ledger.load()
+        failed = backoff = 0
+        for worker in self.workers.values():
+            if worker.metrics is not None:
+                f, b = count_backoff(worker.metrics)
+                failed, backoff = failed + f, backoff + b
+        return ServiceLoad(in_flight, queued, failed, backoff)
+
+    def worker_metrics(self) -> dict[int, dict[str, Any]]:
+        """Each worker's latest metrics snapshot."""
+        return {i: w.metrics for i, w in sorted(self.workers.items()) if w.metrics is not None}
+
+    # --- running ----------------------------------------------------------------------------
+
+    async def run(
+        self,
+        stop: anyio.Event,
+        health: HealthLoop | None = None,
+        *,
+        task_status: anyio.abc.TaskStatus[ServerInfo] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run the workers until *stop* is set and they have drained.
+
+        :raises OSError: when the port cannot be reserved.
+        :raises WorkerFailed: when a worker cannot start or keeps dying.
+        """
+        reserved = reserve_port(self.host, self.port)
+        try:
+            port = reserved[0].getsockname()[1]
+            async with anyio.create_task_group() as loops:
+                loops.start_soon(self._publish_forever)
+                loops.start_soon(self._send_loads_forever)
+                if health is not None:
+                    loops.start_soon(self._publish_after_rounds, health)
+                async with anyio.create_task_group() as keepers:
+                    listening = [anyio.Event() for _ in range(self.count)]
+                    for index, event in enumerate(listening):
+                        keepers.start_soon(self._keep, index, port, event)
+                    for event in listening:  # all start at once; a failure cancels the wait
+                        await event.wait()
+                    task_status.started(ServerInfo(self.host, port, self.scheme, "proxy"))
+                    await stop.wait()
+                    self._stopping = True
+                    for worker in list(self.workers.values()):
+                        _signal(worker.process, signal.SIGTERM)
+                loops.cancel_scope.cancel()
+        finally:
+            for sock in reserved:
+                sock.close()
+
+    async def _keep(self, index: int, port: int, listening: anyio.Event) -> None:
+        """Run worker *index*, restarting it when it dies, until the proxy stops."""
+        deaths: collections.deque[float] = collections.deque()
+        started = False
+        while not self.stopping():
+            status, failure, ready = await self._run_one(index, port, listening)
+            started = started or ready
+            if self.stopping():
+                level = logging.INFO if status == 0 else logging.WARNING
+                logger.log(level, "proxy worker %d exited (%s)", index, _describe(status))
+                return
+            if not started:
+                raise WorkerFailed(failure or f"proxy worker {index} {_describe(status)}")
+            now = time.monotonic()
+            deaths.append(now)
+            while deaths and deaths[0] < now - RESTART_WINDOW:
+                deaths.popleft()
+            if len(deaths) > MAX_RESTARTS:
+                raise WorkerFailed(
+                    f"proxy worker {index} died {len(deaths)} times within "
+                    f"{RESTART_WINDOW:g}s, last {_describe(status)}: giving up"
+                )
+            backoff = RESTART_BACKOFF * 2 ** (len(deaths) - 1)
+            logger.error("proxy worker %d %s; restarting in %gs", index, _describe(status), backoff)
+            await anyio.sleep(backoff)
+
+    async def _run_one(
+        self, index: int, port: int, listening: anyio.Event
+    ) -> tuple[int, str, bool]:
+        """One life of worker *index*: ``(exit status, why it failed, whether it listened)``."""
+        parent_end, child_end = socket.socketpair()
+        try:
+            command = worker_command(index, child_end.fileno(), self.uvloop)
+            process = await anyio.open_process(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=None,
+                stderr=None,
+                pass_fds=(child_end.fileno(),),
+                start_new_session=True,
+            )
+        except BaseException:
+            parent_end.close()
+            raise
+        finally:
+            child_end.close()
+        channel = await Channel.open(parent_end)
+        worker = _Worker(index, process, channel, anyio.Event())
+        self.workers[index] = worker
+        boot = dataclasses.replace(self.boot, port=port)
+        try:
+            channel.send(("boot", boot))
+            channel.send(("state", self.publisher.snapshot(), [], True, self._version))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._pump, worker)
+                with anyio.move_on_after(START_TIMEOUT):
+                    await worker.ready.wait()
+                if worker.ready.is_set():
+                    logger.debug("proxy worker %d listening (pid %d)", index, process.pid)
+                    listening.set()
+                elif not worker.failure:
+                    worker.failure = f"proxy worker {index} did not listen within {START_TIMEOUT}s"
+                    _signal(process, signal.SIGKILL)
+            status = await process.wait()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await _end(process, EXIT_GRACE)
+            raise
+        finally:
+            channel.close()
+            if self.workers.get(index) is worker:
+                del self.workers[index]
+            self.reporter.report(self.ledger.forget(index, self.clock()))
+        return status, worker.failure, worker.ready.is_set()
+
+    async def _pump(self, worker: _Worker) -> None:
+        """Read one worker's messages until its channel closes."""
+        try:
+            while (message := await worker.channel.receive()) is not None:
+                self._take(worker, message)
+        except (ValueError, pickle.UnpicklingError) as exc:
+            logger.error("proxy worker %d sent a bad message: %s", worker.index, exc)
+            _signal(worker.process, signal.SIGKILL)
+
+    def _take(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "report" and isinstance(message[1], Report):
+            report: Report = message[1]
+            changes = self.ledger.apply(worker.index, report, self.clock())
+            self.reporter.report(changes)  # logs, counts, and (any change) publishes
+            if report.probes or report.outcomes or report.probe_ends:
+                self.pool_changed()  # probe slots and streaks move without a change
+        elif kind == "applied" and isinstance(message[1], int):
+            worker.applied = message[1]
+            self._acked.set()
+            self._acked = anyio.Event()
+        elif kind == "metrics" and isinstance(message[1], dict):
+            worker.metrics = message[1]
+        elif kind == "listening":
+            worker.ready.set()
+        elif kind == "failed":
+            worker.failure = str(message[1])
+        else:
+            logger.warning("proxy worker %d sent unknown message %r", worker.index, kind)
+
+    # --- telling the workers ----------------------------------------------------------------
+
+    def _broadcast(self, message: tuple[Any, ...]) -> None:
+        for worker in list(self.workers.values()):
+            self._send(worker, message)
+
+    def _send(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        try:
+            worker.channel.send(message)
+        except ChannelClosed as exc:
+            if worker.process.returncode is None and not self._stopping:
+                logger.error("proxy worker %d does not read its channel (%s): killing it",
+                             worker.index, exc)  # fmt: skip
+                _signal(worker.process, signal.SIGKILL)
+
+    def _publish(self, *, always: bool = False) -> int:
+        """Send the pool's delta to every worker (*always*: even an empty one); its version."""
+        changed, removed = self.publisher.delta()
+        if changed or removed or always:
+            self._version += 1
+            self._broadcast(("state", changed, removed, False, self._version))
+        return self._version
+
+    async def sync(self) -> None:
+        """Publish now, and wait (at most :data:`SYNC_TIMEOUT`) until every listening
+        worker applied it.
+
+        The operations port calls it before answering ``/register`` and
+        ``/deregister``: once a node has its answer, every worker routes to it
+        (or has stopped).  Frames arrive in order, so an acknowledged version
+        covers every earlier change too.
+        """
+        version = self._publish(always=True)
+        with anyio.move_on_after(SYNC_TIMEOUT):
+            while True:
+                acked = self._acked
+                if all(
+                    w.applied >= version or not w.ready.is_set() or w.process.returncode is not None
+                    for w in self.workers.values()
+                ):
+                    return
+                await acked.wait()
+        logger.warning("workers did not apply pool version %d within %gs", version, SYNC_TIMEOUT)
+
+    async def _publish_forever(self) -> None:
+        while True:
+            with anyio.move_on_after(RESYNC_INTERVAL):
+                await self._dirty.wait()
+            self._dirty = anyio.Event()
+            self._publish()
+            await anyio.sleep(PUBLISH_GAP)
+
+    async def _publish_after_rounds(self, health: HealthLoop) -> None:
+        """Vitals (queue depths, models) arrive with checks that change no state."""
+        while True:
+            await health.wait_round()
+            self.pool_changed()
+
+    async def _send_loads_forever(self) -> None:
+        while True:
+            await anyio.sleep(LOAD_INTERVAL)
+            for worker in list(self.workers.values()):
+                others = self.ledger.others(worker.index)
+                if others != worker.peers_sent:
+                    worker.peers_sent = others
+                    self._send(worker, ("peers", others))
+
+
+def _signal(process: anyio.abc.Process, signum: signal.Signals) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signum)
+
+
+async def _end(process: anyio.abc.Process, grace: float) -> None:
+    """Stop a worker the proxy no longer waits for: SIGTERM, *grace*, SIGKILL."""
+    _signal(process, signal.SIGTERM)
+    with anyio.move_on_after(grace):
+        await process.wait()
+        return
+    _signal(process, signal.SIGKILL)
+    await process.wait()
+
+
+def _describe(status: int) -> str:
+    if status < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-status).name}"
+    return f"exited with status {status}"
+
+
+# --- the role's entry ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WorkersInfo:
+    """Where a started multi-process proxy listens, and what runs it."""
+
+    service: ServerInfo
+    ops: ServerInfo
+    ops_app: WorkersOpsApp
+    supervisor: Supervisor
+
+
+def make_boot(config: Config, drain_budget: float) -> WorkerBoot:
+    """What every worker boots with: *config* without secrets, this process's logging."""
+    values = {key: None if config.setting(key).secret else value for key, value in config.items()}
+    sources = {key: config.source(key) for key in values}
+    root = logging.getLogger()
+    level = logging.getLevelName(root.getEffectiveLevel()).lower()
+    if not any(isinstance(h.formatter, JSONFormatter) for h in root.handlers):
+        style = "pretty" if root.handlers else "auto"
+    else:
+        style = "json"
+    return WorkerBoot(
+        values,
+        sources,
+        port=0,
+        log_level=level if level in LEVELS else "info",
+        log_format=style,
+        drain_budget=drain_budget,
+        worker_header=bool(config["proxy.worker_header"]),
+    )
+
+
+async def serve_workers(
+    settings: ProxySettings,
+    parts: ProxyParts,
+    *,
+    count: int,
+    boot: WorkerBoot,
+    registry: Registry,
+    stopping: anyio.Event,
+    shutdown_timeout: float = 30.0,
+    uvloop: bool = False,
+    scheme: str = "http",
+    tick_interval: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    task_status: anyio.abc.TaskStatus[WorkersInfo] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a proxy whose service port *count* worker processes serve; like
+    :func:`~inferno_proxy.role.serve_proxy` otherwise (same ports, same stop sequence).
+
+    :raises ListenError: when a port cannot be bound.
+    :raises WorkerFailed: when a worker cannot start or keeps dying.
+    """
+    pool = Pool(settings.pool_settings())
+    reporter = ChangeReporter(pool, registry)
+    supervisor = Supervisor(
+        count,
+        boot,
+        host=settings.host,
+        port=settings.port,
+        pool=pool,
+        reporter=reporter,
+        uvloop=uvloop,
+        scheme=scheme,
+        clock=clock,
+    )
+    reporter.on_change = supervisor.pool_changed
+    drain_budget = max(0.0, shutdown_timeout - STOP_RESERVE)
+    try:
+        for address in settings.backends:
+            reporter.report(pool.add_static(str(address), clock()))
+        ops, health = control_plane(
+            settings,
+            parts,
+            pool,
+            reporter,
+            registry,
+            supervisor.load,
+            clock,
+            tick_interval,
+            ops_class=WorkersOpsApp,
+        )
+        assert isinstance(ops, WorkersOpsApp)
+        ops.worker_metrics = supervisor.worker_metrics
+        ops.sync = supervisor.sync
+
+        async def start_service(group: anyio.abc.TaskGroup, stop: anyio.Event) -> ServerInfo:
+            try:
+                info: ServerInfo = await group.start(supervisor.run, stop, health)
+            except OSError as exc:
+                where = format_address(settings.host, settings.port)
+                raise ListenError(
+                    f"cannot listen on {where} (proxy.port): {exc.strerror or exc}"
+                ) from None
+            logger.info("proxy serving with %d worker processes", count)
+            return info
+
+        def started(service: ServerInfo, ops_info: ServerInfo) -> None:
+            assert isinstance(ops, WorkersOpsApp)
+            task_status.started(WorkersInfo(service, ops_info, ops, supervisor))
+
+        try:
+            await serve_ports(settings, ops, health, start_service, stopping, drain_budget, started)
+        except Exception as exc:
+            raise _find_error(exc) or exc from None
+    finally:
+        await close_parts(parts)
+    logger.info("proxy stopped")
+
+
+def _find_error(exc: BaseException) -> InfernoError | None:
+    """The one error of ours inside (nested) exception groups, for a one-line message."""
+    if isinstance(exc, InfernoError):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        found = _find_error(inner)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,300 @@
+"""``inferno proxy --workers 2`` as real processes: one port, one pool, clean stops.
+
+The proxy runs as ``python -m inferno proxy --workers 2 --worker-header``: the
+parent's JSON log lines say where it listens, and every answer names the worker
+process that served it (``X-Inferno-Worker``).  Requests go out on fresh
+connections, which the kernel spreads over the workers' sockets by hashing
+their addresses: 40 of them all reaching one of two workers happens with
+probability 2**-39.  Nodes are real servers on loopback in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import pytest
+from inferno_proxy.settings import ProxySettings, WorkerCount
+
+from inferno.cli import main
+from inferno.errors import HTTPError
+from inferno.http import Request, Response, ServerInfo, serve
+from inferno.http.client import HTTPClient
+
+pytestmark = pytest.mark.anyio
+
+WAIT = 30.0  # seconds a test waits for what must happen before failing instead of hanging
+ROOT = Path(__file__).resolve().parents[2]
+LISTENING = re.compile(r"proxy listening on ([\d.]+):(\d+) \(ops ([\d.]+):(\d+)\)")
+REQUESTS = 40  # fresh connections per check (see the module docstring)
+CHAT = json.dumps({"model": "tiny", "messages": []}).encode()
+
+
+class Node:
+    """A backend stand-in: vitals, ``/health``, a chat answer naming it, and a
+    ``/v1/held`` route that answers only once :attr:`release` is set."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ready = True
+        self.held = 0
+        self.release = anyio.Event()
+
+    async def handle(self, request: Request) -> Response:
+        if request.path == "/metrics":
+            return Response.json(
+                {
+                    "ready": self.ready,
+                    "requests_in_progress": 0,
+                    "requests_queued": 0,
+                    "cpu_usage": 0.1,
+                    "memory_usage": 0.2,
+                    "uptime_seconds": 1.0,
+                    "version": "0.1.0",
+                    "models": ["tiny"],
+                }
+            )
+        if request.path == "/health":
+            return Response.json({"status": "ready"})
+        if request.path == "/v1/held":
+            self.held += 1
+            await self.release.wait()
+        if request.path in ("/v1/chat/completions", "/v1/held"):
+            await request.read()
+            return Response.json({"served_by": self.name})
+        raise HTTPError(404, "no such route")
+
+
+@contextlib.asynccontextmanager
+async def running(node: Node) -> AsyncIterator[ServerInfo]:
+    async with anyio.create_task_group() as tg:
+        info: ServerInfo = await tg.start(functools.partial(serve, node.handle))
+        yield info
+        tg.cancel_scope.cancel()
+
+
+@dataclass
+class Proxy:
+    """A proxy process, its log, and the URLs of its two ports."""
+
+    process: anyio.abc.Process
+    log: list[dict[str, Any]] = field(default_factory=list)
+    listening: anyio.Event = field(default_factory=anyio.Event)
+    service: str = ""
+    ops: str = ""
+
+    def messages(self) -> str:
+        return "\n".join(str(record.get("message")) for record in self.log)
+
+    async def read_log(self) -> None:
+        assert self.process.stderr is not None
+        buffer = b""
+        async for data in self.process.stderr:
+            buffer += data
+            *complete, buffer = buffer.split(b"\n")
+            for raw in complete:
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    record = {"message": raw.decode(errors="replace")}
+                self.log.append(record)
+                found = LISTENING.search(str(record.get("message", "")))
+                if found:
+                    self.service = f"http://127.0.0.1:{found.group(2)}"
+                    self.ops = f"http://127.0.0.1:{found.group(4)}"
+                    self.listening.set()
+
+
+@contextlib.asynccontextmanager
+async def proxy_process(*args: str) -> AsyncIterator[Proxy]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERNO_")}
+    env["INFERNO_LOG_FORMAT"] = "json"
+    command = [
+        sys.executable,
+        "-m",
+        "inferno",
+        "proxy",
+        "--port=0",
+        "--ops-port=0",
+        "--workers=2",
+        "--worker-header",
+        "--health-interval=50ms",
+        *args,
+    ]
+    async with await anyio.open_process(command, env=env, cwd=ROOT) as process:
+        proxy = Proxy(process)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(proxy.read_log)
+            try:
+                with anyio.fail_after(WAIT):
+                    await proxy.listening.wait()
+                yield proxy
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+            tg.cancel_scope.cancel()
+
+
+def registration(node_id: str, port: int) -> bytes:
+    document = {
+        "id": node_id,
+        "address": f"127.0.0.1:{port}",
+        "metrics_port": port,
+        "node_type": "backend",
+        "models": ["tiny"],
+    }
+    return json.dumps(document).encode()
+
+
+async def post(url: str, body: bytes) -> int:
+    async with HTTPClient() as client:
+        return (await client.request("POST", url, body=body)).status
+
+
+async def ask(proxy: Proxy, path: str = "/v1/chat/completions") -> tuple[str, int]:
+    """One request on a fresh connection: ``(node that served it, worker pid)``."""
+    async with HTTPClient() as client:
+        answer = await client.request("POST", f"{proxy.service}{path}", body=CHAT)
+        assert answer.status == 200, await answer.read()
+        worker = answer.headers.get("x-inferno-worker")
+        assert worker is not None
+        return (await answer.json())["served_by"], int(worker)
+
+
+async def spread(proxy: Proxy) -> tuple[set[str], set[int]]:
+    """Nodes and workers that served :data:`REQUESTS` requests."""
+    nodes: set[str] = set()
+    pids: set[int] = set()
+    for _ in range(REQUESTS):
+        node, pid = await ask(proxy)
+        nodes.add(node)
+        pids.add(pid)
+    return nodes, pids
+
+
+async def backends(proxy: Proxy) -> dict[str, dict[str, Any]]:
+    """``GET /backends`` by node id (the parent answers: the operations port is not shared)."""
+    async with HTTPClient() as client:
+        answer = await client.request("GET", f"{proxy.ops}/backends")
+        return {node["id"]: node for node in (await answer.json())["backends"]}
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]]) -> None:
+    """Wait, bounded, for what the proxy's loops must bring about."""
+    with anyio.fail_after(WAIT):
+        while True:
+            if await condition():
+                return
+            await anyio.sleep(0.02)
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def test_two_workers_serve_one_pool_and_stop_with_the_parent() -> None:
+    a, b = Node("a"), Node("b")
+    async with running(a) as a_info, running(b) as b_info, proxy_process() as proxy:
+        register = f"{proxy.ops}/register"
+        assert await post(register, registration("a", a_info.port)) == 200
+        # Answered once every worker has it: no request can miss it.
+        nodes, pids = await spread(proxy)
+        assert nodes == {"a"}
+        assert len(pids) == 2
+        assert proxy.process.pid not in pids
+
+        assert await post(register, registration("b", b_info.port)) == 200
+        assert await post(f"{proxy.ops}/deregister", b'{"id": "a"}') == 200
+        assert await spread(proxy) == ({"b"}, pids)
+
+        # A health change: "b" says it is not ready; the parent's check finds it...
+        assert await post(register, registration("a", a_info.port)) == 200
+        b.ready = False
+
+        async def b_out() -> bool:
+            return (await backends(proxy))["b"]["ready"] is False
+
+        await eventually(b_out)
+        # ... and every worker has it by the time the next registration is answered.
+        assert await post(register, registration("a", a_info.port)) == 200
+        assert (await spread(proxy))[0] == {"a"}
+
+        # In-flight counts: requests held at "a" through both workers add up.
+        async with anyio.create_task_group() as tg:
+            for _ in range(6):
+                tg.start_soon(ask, proxy, "/v1/held")
+
+            async def all_counted() -> bool:
+                found = await backends(proxy)
+                return a.held == 6 and (found["a"]["in_flight"], found["b"]["in_flight"]) == (6, 0)
+
+            await eventually(all_counted)
+            a.release.set()
+
+        async def none_left() -> bool:
+            return [n["in_flight"] for n in (await backends(proxy)).values()] == [0, 0]
+
+        await eventually(none_left)
+
+        proxy.process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(WAIT):
+            status = await proxy.process.wait()
+    log = proxy.messages()
+    assert status == 0, log
+    assert all(gone(pid) for pid in pids), log
+    assert log.count("exited (exited with status 0)") == 2
+    assert "proxy stopped" in log
+
+
+async def test_a_killed_worker_is_restarted_and_the_port_keeps_serving() -> None:
+    a = Node("a")
+    async with running(a) as a_info, proxy_process() as proxy:
+        assert await post(f"{proxy.ops}/register", registration("a", a_info.port)) == 200
+        _, pids = await spread(proxy)
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+
+        async def replaced() -> bool:
+            served = (await spread(proxy))[1]
+            return victim not in served and len(served) == 2
+
+        await eventually(replaced)
+        assert "was killed by SIGKILL; restarting" in proxy.messages()
+        proxy.process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(WAIT):
+            assert await proxy.process.wait() == 0, proxy.messages()
+
+
+def test_workers_setting_takes_a_count_or_auto() -> None:
+    count = WorkerCount()
+    assert count.parse("auto") == 0
+    assert count.parse("4") == 4
+    assert count.render(0) == "auto"
+    assert ProxySettings(workers=0).worker_count() >= 1
+    assert ProxySettings(workers=3).worker_count() == 3
+    with pytest.raises(ValueError, match="1024"):
+        count.parse("2000")
+
+
+def test_a_bad_worker_count_exits_2(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INFERNO_LOG_FORMAT", "json")
+    assert main(["proxy", "--port=0", "--ops-port=0", "--workers=many"]) == 2
+    assert "proxy.workers (" in capsys.readouterr().err
