@@ -24,12 +24,12 @@ from then on each engine chunk is written as soon as it is produced
 becomes an error event (``data: {"error": {..., "code": <status>}}``) and ends
 the stream without ``[DONE]``.
 
-**Disconnects.**  The server notices a client that went away when a write
-fails, and then closes the response body; closing it closes the engine's
-generation and gives the admission slot back at once.  A streamed generation
-is therefore stopped within a token or two.  (A request still queued, or a
-non-streaming one, is not written to until it completes, so its slot is held
-until then.)
+**Disconnects.**  The HTTP server cancels the handler of a client that closed
+or reset its connection, whatever the request is doing (queued, generating,
+streaming); the cancellation closes the engine's generation and gives the
+admission slot, or the queue place, back at once (``finally`` blocks and
+:meth:`InferenceAPI.finish_generation`, shielded).  A client whose
+connection dies silently is noticed only when writing to it fails or stalls.
 
 **Drain deadline.**  When the drain time runs out, :meth:`InferenceAPI.cut_generations`
 stops every generation at once, even one waiting on a silent engine: each

@@ -270,6 +270,40 @@ async def test_a_client_gone_before_its_answer_starts_does_not_keep_its_slot() -
         assert idle["failed_responses"] == 0
 
 
+def _reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST
+
+
+def _post(port: int, document: dict[str, Any]) -> socket.socket:
+    body = json.dumps(document).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    return sock
+
+
+async def test_a_client_gone_while_queued_or_generating_frees_its_place_at_once() -> None:
+    async with backend(max_concurrency=1, max_queue=1) as info, HTTPClient() as http:
+        with anyio.fail_after(WAIT):
+            # A: a non-streaming generation that would run for longer than WAIT.
+            running = _post(
+                info.service.port,
+                {"model": MODEL, "messages": HELLO, "max_tokens": 3000, "ignore_eos": True},
+            )
+            await _until_vitals(http, info, lambda v: v["requests_in_progress"] == 1)
+            queued = _post(info.service.port, {"model": MODEL, "messages": HELLO})  # B
+            await _until_vitals(http, info, lambda v: v["requests_queued"] == 1)
+            _reset(queued)  # B leaves the queue while A still runs
+            after_b = await _until_vitals(http, info, lambda v: v["requests_queued"] == 0)
+            assert after_b["requests_in_progress"] == 1
+            _reset(running)  # A's generation stops long before its 3,000 tokens
+            idle = await _until_vitals(http, info, lambda v: v["requests_in_progress"] == 0)
+        assert (idle["failed_responses"], idle["backoff_requests"]) == (0, 0)
+
+
 async def _until_vitals(
     http: HTTPClient, info: BackendInfo, condition: Callable[[dict[str, Any]], bool]
 ) -> dict[str, Any]:
