@@ -186,7 +186,8 @@ class _Worker:
     index: int
     process: anyio.abc.Process
     channel: Channel
-    ready: anyio.Event
+    ready: anyio.Event  # it listens
+    settled: anyio.Event = dataclasses.field(default_factory=anyio.Event)  # listens, or never will
     failure: str = ""
     metrics: dict[str, Any] | None = None
     applied: int = 0  # the latest pool version it acknowledged
@@ -361,11 +362,11 @@ class Supervisor:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._pump, worker)
                 with anyio.move_on_after(START_TIMEOUT):
-                    await worker.ready.wait()
+                    await worker.settled.wait()
                 if worker.ready.is_set():
                     logger.debug("proxy worker %d listening (pid %d)", index, process.pid)
                     listening.set()
-                elif not worker.failure:
+                elif not worker.settled.is_set():
                     worker.failure = f"proxy worker {index} did not listen within {START_TIMEOUT}s"
                     _signal(process, signal.SIGKILL)
             status = await process.wait()
@@ -388,6 +389,8 @@ class Supervisor:
         except (ValueError, pickle.UnpicklingError) as exc:
             logger.error("proxy worker %d sent a bad message: %s", worker.index, exc)
             _signal(worker.process, signal.SIGKILL)
+        finally:
+            worker.settled.set()  # it will never listen now
 
     def _take(self, worker: _Worker, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -405,8 +408,10 @@ class Supervisor:
             worker.metrics = message[1]
         elif kind == "listening":
             worker.ready.set()
+            worker.settled.set()
         elif kind == "failed":
             worker.failure = str(message[1])
+            worker.settled.set()
         else:
             logger.warning("proxy worker %d sent unknown message %r", worker.index, kind)
 

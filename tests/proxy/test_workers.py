@@ -31,6 +31,7 @@ from inferno.cli import main
 from inferno.errors import HTTPError
 from inferno.http import Request, Response, ServerInfo, serve
 from inferno.http.client import HTTPClient
+from inferno.http.client_errors import ClientError
 
 pytestmark = pytest.mark.anyio
 
@@ -271,11 +272,44 @@ async def test_a_killed_worker_is_restarted_and_the_port_keeps_serving() -> None
         os.kill(victim, signal.SIGKILL)
 
         async def replaced() -> bool:
-            served = (await spread(proxy))[1]
+            try:
+                served = (await spread(proxy))[1]
+            except ClientError:
+                # Connections the kernel had queued on the dying worker's socket
+                # are reset with it (Linux moves them only with tcp_migrate_req).
+                return False
             return victim not in served and len(served) == 2
 
         await eventually(replaced)
         assert "was killed by SIGKILL; restarting" in proxy.messages()
+        _, pids = await spread(proxy)
+        proxy.process.kill()  # no goodbye: the workers must not outlive it
+
+        async def orphans_gone() -> bool:
+            return all(gone(pid) for pid in pids)
+
+        await eventually(orphans_gone)
+
+
+async def test_telemetry_gathers_every_workers_metrics() -> None:
+    a = Node("a")
+    async with running(a) as a_info, proxy_process() as proxy:
+        assert await post(f"{proxy.ops}/register", registration("a", a_info.port)) == 200
+        await spread(proxy)
+
+        async def both_counted() -> bool:
+            async with HTTPClient() as client:
+                text = (
+                    await (await client.request("GET", f"{proxy.ops}/telemetry")).read()
+                ).decode()
+            served = re.findall(
+                r'^inferno_proxy_requests_total\{.*worker="(\d)"\} (\d+)', text, re.M
+            )
+            return {w for w, _ in served} == {"0", "1"} and sum(
+                int(n) for _, n in served
+            ) == REQUESTS
+
+        await eventually(both_counted)
         proxy.process.send_signal(signal.SIGTERM)
         with anyio.fail_after(WAIT):
             assert await proxy.process.wait() == 0, proxy.messages()
