@@ -32,6 +32,14 @@ it cannot bind), or more than :data:`MAX_RESTARTS` deaths within
 :data:`RESTART_WINDOW`, fails the proxy (exit non-zero): a proxy that keeps
 crashing is better replaced by its supervisor than left limping.
 
+**Per worker, not per proxy.**  Rate limits (per key, per address), the
+wait queue's bound and the retry budget are each worker's own: a client's
+connections spread over the workers, so with N workers it may get up to N
+times its rate limit, and up to N times ``max_queue`` requests wait per
+model.  Connections the kernel queued on a worker that dies are reset with
+its socket (Linux moves them to another listener only with the
+``net.ipv4.tcp_migrate_req`` sysctl).
+
 **Stopping.**  The parent's stop signal becomes SIGTERM to each worker, which
 drains like a single-process proxy; a worker still running
 :data:`EXIT_GRACE` after the drain budget is killed.  Workers run in their own
