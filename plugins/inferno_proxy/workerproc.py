@@ -275,6 +275,8 @@ class _Worker:
             app.api_keys = ApiKeys.from_file(path)
         except ApiKeyFileError as exc:
             logger.error("API keys not reloaded, the previous ones stay: %s", exc)
+            return
+        logger.info("API keys reloaded: %d key(s)", len(app.api_keys))
 
     async def _report_forever(self, channel: Channel, app: ServiceApp) -> None:
         next_metrics = time.monotonic() + METRICS_INTERVAL

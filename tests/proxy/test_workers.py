@@ -315,6 +315,40 @@ async def test_telemetry_gathers_every_workers_metrics() -> None:
             assert await proxy.process.wait() == 0, proxy.messages()
 
 
+async def test_sighup_reloads_the_api_keys_of_every_worker(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("old:sk-old-key-0123456789\n")
+
+    async def answers(proxy: Proxy, key: str) -> tuple[set[int], set[int]]:
+        """Statuses and workers of requests on fresh connections with *key*."""
+        statuses, pids = set(), set()
+        for _ in range(REQUESTS):
+            async with HTTPClient() as client:
+                headers = [("authorization", f"Bearer {key}")]
+                answer = await client.request("GET", f"{proxy.service}/v1/models", headers=headers)
+                statuses.add(answer.status)
+                pids.add(int(answer.headers.get("x-inferno-worker") or 0))
+        return statuses, pids
+
+    async with proxy_process(f"--api-keys={keys}") as proxy:
+        statuses, pids = await answers(proxy, "sk-old-key-0123456789")
+        assert statuses == {200}
+        assert len(pids) == 2
+        keys.write_text("new:sk-new-key-0123456789\n")
+        proxy.process.send_signal(signal.SIGHUP)
+
+        async def reloaded() -> bool:
+            return proxy.messages().count("API keys reloaded: 1 key(s)") == 2
+
+        await eventually(reloaded)
+        assert await answers(proxy, "sk-new-key-0123456789") == ({200}, pids)
+        assert (await answers(proxy, "sk-old-key-0123456789"))[0] == {401}
+        proxy.process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(WAIT):
+            assert await proxy.process.wait() == 0, proxy.messages()
+    assert "sk-old-key" not in proxy.messages()
+
+
 def test_workers_setting_takes_a_count_or_auto() -> None:
     count = WorkerCount()
     assert count.parse("auto") == 0
