@@ -29,8 +29,10 @@ out, nothing is retried: a failure ends the client's response early (the
 connection closes, so a chunked body is visibly truncated).
 
 **Timeouts** are per phase, never a total: ``connect_timeout``, then
-``first_byte_timeout`` until the first body chunk, then ``idle_timeout``
-between chunks, so a long generation that keeps streaming is never cut.
+``first_byte_timeout``, one deadline for the whole start of the response (from
+the attempt's start to its head *and* first body chunk, however the node
+spaces them), then ``idle_timeout`` between chunks, so a long generation that
+keeps streaming is never cut.
 
 **Streaming.**  Each chunk from the node is handed to the server as it
 arrives (SSE is never buffered; :mod:`~inferno_proxy.relay`).  A client that
@@ -107,8 +109,9 @@ class ForwardSettings:
     """How the service port forwards requests.
 
     :ivar connect_timeout: seconds to connect to a node (then another is tried).
-    :ivar first_byte_timeout: seconds from sending a request to its first
-        body chunk (its head and, for streams, the first token): 504 when passed.
+    :ivar first_byte_timeout: seconds from the start of an attempt to the
+        node's response head *and* first body chunk (for streams, the first
+        token), one deadline for both, connecting included: 504 when passed.
     :ivar idle_timeout: longest silence, in seconds, between two chunks of a
         response; it ends the client's response early.  Never a total cap.
     :ivar max_attempts: nodes tried at most for one request (1: no retries).
@@ -236,13 +239,18 @@ class ServiceApp:
         self.queue.max_per_model = settings.max_queue
         self.headers = HeaderRules(settings.security_headers, settings.trust_forwarded_headers)
         first_byte, idle = settings.first_byte_timeout, settings.idle_timeout
-        # The client has one read timeout per request; give it the longer phase
-        # and bound the shorter one with a cancel scope (none when they match).
+        # The client's read timeout bounds each receive (a silence), not a phase:
+        # a node sending its head just before it and its first chunk just before
+        # it again would pass.  So the start of the response gets one deadline
+        # per request (a cancel scope, :meth:`_attempt`), and the read timeout,
+        # set to the longer phase, is the between-chunks limit when that is
+        # idle_timeout; when idle_timeout is the shorter, each chunk costs a
+        # cancel scope instead (:mod:`~inferno_proxy.relay`).
         read = max(first_byte, idle)
         self.timeouts = Timeouts(
             connect=settings.connect_timeout, read=read, write=idle, pool=settings.connect_timeout
         )
-        self.first_byte_limit: float | None = first_byte if first_byte < read else None
+        self.first_byte_limit: float = first_byte
         self.chunk_limit: float | None = idle if idle < read else None
 
     @property
@@ -460,12 +468,9 @@ class ServiceApp:
         )
         opened: Opened | None = None
         try:
-            limit = self.first_byte_limit
-            if limit is None:
+            # One deadline for head and first chunk together (see reconfigure).
+            with anyio.move_on_after(self.first_byte_limit):
                 opened = await self._open(cm, lease)
-            else:
-                with anyio.move_on_after(limit):
-                    opened = await self._open(cm, lease)
         except ClientError as exc:
             failed = _failure(exc, node)
             self.finish(lease, _error_outcome(exc), str(exc))
@@ -556,7 +561,7 @@ def _failure(exc: ClientError, node: Node) -> _Failed:
 def _first_byte_timeout(node: Node, limit: float) -> _Failed:
     return _Failed(
         504,
-        f"{node.id} sent no response within {limit:g} s",
+        f"{node.id} did not start its response (head and first chunk) within {limit:g} s",
         "upstream_timeout",
         False,
         "timeout",

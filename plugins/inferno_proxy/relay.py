@@ -18,8 +18,10 @@ be retried; the relay only moves bytes and keeps the books:
 
 No task per response: the server's connection task pulls each chunk through
 :meth:`Relay.__anext__`.  Idle time between chunks is bounded by the HTTP
-client's read timeout when it equals ``idle_timeout``; only when the first
-byte may take longer than later gaps does each chunk cost a cancel scope.
+client's read timeout when it equals ``idle_timeout``; only when
+``first_byte_timeout`` is the longer does each chunk cost a cancel scope.
+(The start of the response, head and first chunk, has its own deadline,
+applied before the relay exists.)
 """
 
 from __future__ import annotations

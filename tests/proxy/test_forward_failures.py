@@ -28,6 +28,7 @@ from tests.proxy.upstreams import (
     proxied,
     refused_address,
     slow_head,
+    spaced_start,
     stall_after_first,
     status,
     ticker,
@@ -155,6 +156,25 @@ async def test_no_first_byte_in_time_is_504(first_byte: float, idle: float) -> N
         assert node is not None
         assert node.health.consecutive_failures == 1
         assert node.in_flight == 0
+
+
+@pytest.mark.parametrize("idle", [1.0, 30.0])
+async def test_head_and_first_chunk_share_one_first_byte_deadline(idle: float) -> None:
+    """Each gap is shorter than every timeout; together they pass first_byte_timeout
+    (the client's read timeout alone, a limit per receive, would let them through)."""
+    slow = Backend("slow", spaced_start(0.6), models=("m",))
+    settings = ForwardSettings(first_byte_timeout=1.0, idle_timeout=idle)
+    async with proxied(slow, settings=settings) as h:
+        got = await collect(h.client, "POST", f"{h.url}/v1/completions", headers=JSON, body=BODY)
+        assert got.status == 504
+        error = json.loads(got.body)["error"]
+        assert error["code"] == "upstream_timeout"
+        assert "head and first chunk" in error["message"]
+        node = h.pool.get("slow")
+        assert node is not None
+        assert node.health.consecutive_failures == 1  # a timeout counts against the node
+        assert node.in_flight == 0
+        assert h.metric("inferno_proxy_upstream_failures_total", reason="timeout") == 1
 
 
 @pytest.mark.parametrize(

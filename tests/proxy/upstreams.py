@@ -246,6 +246,24 @@ async def slow_head(backend: Backend, request: Request, body: bytes) -> Response
     return await echo(backend, request, body)
 
 
+def spaced_start(gap: float) -> Behaviour:
+    """The head after *gap* seconds, the first event *gap* seconds later, then the end:
+    a slow prefill and a slow first token, each shorter than a timeout of more than
+    *gap*, together longer than one below ``2 * gap``."""
+
+    async def answer(backend: Backend, request: Request, body: bytes) -> Response:
+        await anyio.sleep(gap)  # the node's pace, not a wait for readiness
+
+        async def steps() -> AsyncIterator[bytes]:
+            await anyio.sleep(gap)
+            yield sse_event(1)
+            yield b"data: [DONE]\n\n"
+
+        return _streaming(backend, steps)
+
+    return answer
+
+
 def chat_stream(words: Sequence[str]) -> Behaviour:
     """An OpenAI chat completion stream of *words*, one chunk each, ``[DONE]`` last."""
 
