@@ -420,6 +420,11 @@ class ServiceApp:
         if changes:
             self.note_changes(changes)
 
+    def finish_status(self, lease: Lease, status: int) -> None:
+        """Report a request the node answered with *status* (the reason names it, so a
+        circuit opened by 500s says ``last: HTTP 500``)."""
+        self.finish(lease, status_outcome(status), f"HTTP {status}")
+
     # --- forwarding ---------------------------------------------------------------------
 
     async def _forward(
@@ -442,7 +447,7 @@ class ServiceApp:
                     return self._respond(exchange, opened)
                 raise result.error()
             if opened is not None:
-                self.finish(opened.lease, status_outcome(opened.response.status))
+                self.finish_status(opened.lease, opened.response.status)
                 await close_stream(opened.cm)
             logger.debug(
                 "retrying %s on %s after %s from %s",
@@ -530,7 +535,7 @@ class ServiceApp:
         status = upstream.status
         headers = self.headers.downstream(upstream.headers.raw, exchange.request_id)
         if opened.whole is not None:
-            self.finish(opened.lease, status_outcome(status))
+            self.finish_status(opened.lease, status)
             return Response(status, headers, opened.whole)
         relay = Relay(self, exchange, opened, self.metrics.route(exchange.route))
         return Response(status, headers, relay)

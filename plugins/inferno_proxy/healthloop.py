@@ -35,6 +35,7 @@ import anyio.abc
 from inferno_health.checkers import CheckResult, CheckTarget, HealthChecker
 
 from inferno.metrics import Registry
+from inferno_proxy.health import HealthState
 from inferno_proxy.nodes import TICK_INTERVAL, ChangeKind, Node, NodeChange, NodeSource
 from inferno_proxy.pool import Pool
 
@@ -50,6 +51,11 @@ OnChange = Callable[[], None]
 #: Extra seconds a check may overrun its own timeout before the loop gives up on
 #: it: checkers promise to return within the timeout, this bounds one that does not.
 CHECK_GRACE: Final = 1.0
+
+#: Reasons of a removal that is the normal end of a node (the reasons
+#: :meth:`Pool.deregister <inferno_proxy.pool.Pool.deregister>` and the drain that
+#: follows it give): logged at INFO.  Any other removal (failed checks) is a warning.
+ROUTINE_REMOVALS: Final = frozenset({"deregistered", "drained"})
 
 
 def describe_change(change: NodeChange, pool: Pool | None = None) -> str:
@@ -110,19 +116,27 @@ class ChangeReporter:
         )
 
     def report(self, changes: Iterable[NodeChange], *, notify: bool = True) -> None:
-        """Log and count each change (a node leaving for good at warning), then, with
-        ``notify``, call ``on_change`` (the data path passes ``False`` for its own changes)."""
+        """Log and count each change, then, with ``notify``, call ``on_change`` (the
+        data path passes ``False`` for its own changes).
+
+        A node removed after failing is one warning (its health reaching
+        ``removed`` is counted but not logged: the removal that follows says the
+        same, with the last failure); a deregistered node leaving is routine (INFO).
+        """
         told = False
         for change in changes:
             told = True
-            level = logging.WARNING if change.kind is ChangeKind.REMOVED else logging.INFO
+            self._counter.labels(kind=change.kind.value, state=change.new or "none").inc()
+            kind = change.kind
+            if kind is ChangeKind.HEALTH and change.new == HealthState.REMOVED.value:
+                continue
+            routine = kind is not ChangeKind.REMOVED or change.reason in ROUTINE_REMOVALS
             logger.log(
-                level,
+                logging.INFO if routine else logging.WARNING,
                 "%s",
                 describe_change(change, self.pool),
-                extra={"node": change.node_id, "change": change.kind.value, "state": change.new},
+                extra={"node": change.node_id, "change": kind.value, "state": change.new},
             )
-            self._counter.labels(kind=change.kind.value, state=change.new or "none").inc()
         if told and notify and self.on_change is not None:
             self.on_change()
 

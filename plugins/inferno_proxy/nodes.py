@@ -323,7 +323,11 @@ class Node:
             detail = f"{circuit.probes_in_flight} probe(s) in flight"
             reasons.append(OutReason(Why.CIRCUIT_PROBING, circuit.since, detail))
         if self.stalled_since is not None:
-            reasons.append(OutReason(Why.STALLED, self.stalled_since))
+            # last_progress stays put while stalled (a byte ends the stall): this
+            # is the silence the pool found, as its log line said.
+            silent = max(0.0, self.stalled_since - self.last_progress)
+            detail = f"no byte for {silent:.0f}s with {self.in_flight} request(s) in flight"
+            reasons.append(OutReason(Why.STALLED, self.stalled_since, detail))
         return tuple(reasons)
 
     def describe(self, now: float) -> dict[str, Any]:

@@ -127,7 +127,8 @@ class Relay:
                 if scope.cancelled_caught:
                     raise ClientTimeout(f"no chunk for {limit:g} s", request_sent=True)
         except StopAsyncIteration:
-            self._end(status_outcome(opened.response.status))
+            status = opened.response.status
+            self._end(status_outcome(status), f"HTTP {status}")
             raise
         except ClientError as exc:
             await self._broke(exc)

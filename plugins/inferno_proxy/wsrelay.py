@@ -45,7 +45,6 @@ from inferno.http import (
 from inferno_proxy.forward import RETRY_STATUSES
 from inferno_proxy.nodes import Outcome
 from inferno_proxy.policies import affinity_key
-from inferno_proxy.relay import status_outcome
 
 if TYPE_CHECKING:
     from inferno_proxy.forward import ServiceApp
@@ -160,7 +159,7 @@ async def open_relay(app: ServiceApp, exchange: Exchange) -> Response:
                 max_message_bytes=settings.max_websocket_message_bytes,
             )
         except WebSocketHandshakeError as exc:  # the node answered with an HTTP status
-            app.finish(lease, status_outcome(exc.status))
+            app.finish_status(lease, exc.status)
             retryable = exc.status in RETRY_STATUSES
             reason = f"status_{exc.status}"
             refused = [(n, v) for n, v in exc.headers.raw if n not in _DROPPED_REFUSAL_HEADERS]

@@ -14,8 +14,10 @@ import struct
 import anyio
 import pytest
 from inferno_proxy.budget import RetryBudget
+from inferno_proxy.circuit import CircuitSettings
 from inferno_proxy.forward import ForwardSettings
 from inferno_proxy.health import HealthState
+from inferno_proxy.nodes import ChangeKind, NodeChange
 
 from inferno.http.client_errors import RemoteProtocolError
 from tests.proxy.upstreams import (
@@ -83,6 +85,19 @@ async def test_a_server_error_other_than_502_is_passed_on_without_retry() -> Non
         assert code == 500
         assert good.seen == []
         assert "failing says 500" in str(answer)
+
+
+async def test_a_circuit_opened_by_answers_names_their_status() -> None:
+    failing = Backend("failing", status(500), models=("m",))
+    async with proxied(failing) as h:
+        changes: list[NodeChange] = []
+        h.app.on_pool_changes = changes.extend
+        for _ in range(CircuitSettings().failure_threshold):
+            code, _ = await post(h)
+            assert code == 500
+        [opened] = [c for c in changes if c.kind is ChangeKind.CIRCUIT]
+        assert opened.new == "open"
+        assert opened.reason == "5 consecutive failures, last: HTTP 500"
 
 
 async def test_a_head_then_a_close_before_any_chunk_is_retried() -> None:

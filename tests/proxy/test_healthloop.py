@@ -326,6 +326,35 @@ async def test_changes_are_logged_counted_and_told_to_the_data_path(
     assert 'inferno_proxy_health_checks_total{checker="vitals",result="fail"} 3' in text
 
 
+def test_a_deregistered_node_leaves_at_info_a_failed_one_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="inferno_proxy.health")
+    the_pool = pool(failure_threshold=3, removal_threshold=4)
+    registry = Registry()
+    reporter = ChangeReporter(the_pool, registry)
+    for name in ("leaving", "failing"):
+        the_pool.register(
+            Registration(id=name, address="127.0.0.1:1", metrics_port=1, node_type="backend"),
+            0.0,
+        )
+    reporter.report(the_pool.deregister("leaving", 1.0))
+    for second in range(4):
+        reporter.report(the_pool.check_failed("failing", 2.0 + second, "connect refused"))
+    assert "failing" not in the_pool
+    leaving = [r for r in caplog.records if r.getMessage().startswith("node leaving removed")]
+    assert [(r.levelname, r.getMessage()) for r in leaving] == [
+        ("INFO", "node leaving removed: deregistered")
+    ]
+    failing = [r for r in caplog.records if r.getMessage().startswith("node failing removed")]
+    assert [(r.levelname, r.getMessage()) for r in failing] == [
+        ("WARNING", "node failing removed: 4 consecutive failures, last: connect refused")
+    ]
+    assert [r.levelname for r in caplog.records].count("WARNING") == 1
+    text = registry.render_prometheus()
+    assert 'inferno_proxy_node_changes_total{kind="health",state="removed"} 1' in text
+
+
 @pytest.mark.parametrize(
     ("change", "text"),
     [

@@ -515,6 +515,8 @@ def test_a_silent_node_with_requests_in_flight_is_stalled() -> None:
     assert node.circuit.consecutive_failures == 1
     assert ids(pool) == ["b"]
     assert [r.reason for r in node.out_reasons()] == [Why.STALLED]
+    [out] = pool.describe(150.0)[0]["out"]
+    assert out["detail"] == "no byte for 30s with 1 request(s) in flight"
     assert pool.tick(200.0) == ()  # once per episode
     changes = pool.progress(lease, 201.0)
     assert kinds(changes) == [("stall", "stalled", "flowing"), ("rotation", "out", "in")]
