@@ -35,11 +35,12 @@ import anyio.abc
 from inferno_health.checkers import CheckResult, CheckTarget, HealthChecker
 
 from inferno.metrics import Registry
+from inferno_proxy.circuit import CircuitState
 from inferno_proxy.health import HealthState
 from inferno_proxy.nodes import TICK_INTERVAL, ChangeKind, Node, NodeChange, NodeSource
 from inferno_proxy.pool import Pool
 
-__all__ = ["ChangeReporter", "HealthLoop", "describe_change"]
+__all__ = ["CHANGE_STATES", "ChangeReporter", "HealthLoop", "change_state", "describe_change"]
 
 logger = logging.getLogger("inferno_proxy.health")
 
@@ -56,6 +57,19 @@ CHECK_GRACE: Final = 1.0
 #: :meth:`Pool.deregister <inferno_proxy.pool.Pool.deregister>` and the drain that
 #: follows it give): logged at INFO.  Any other removal (failed checks) is a warning.
 ROUTINE_REMOVALS: Final = frozenset({"deregistered", "drained"})
+
+#: Every ``state`` label of ``inferno_proxy_node_changes_total``: the new state of
+#: a health, circuit, stall, draining or rotation change; how a node was added
+#: (its source) or updated (``moved``: a new address, ``changed``: anything else,
+#: ``static``: listed in ``--backends`` too); ``none`` for a removal.  Anything
+#: else counts as ``other``: a label must never carry an address or a name, or
+#: each node would make series that outlive it.
+CHANGE_STATES: Final = frozenset(
+    {state.value for state in HealthState}
+    | {state.value for state in CircuitState}
+    | {source.value for source in NodeSource}
+    | {"flowing", "stalled", "draining", "in", "out", "moved", "changed", "none", "other"}
+)
 
 
 def describe_change(change: NodeChange, pool: Pool | None = None) -> str:
@@ -95,6 +109,21 @@ def describe_change(change: NodeChange, pool: Pool | None = None) -> str:
     return text
 
 
+def change_state(change: NodeChange) -> str:
+    """The ``state`` label counting *change*: one of :data:`CHANGE_STATES`."""
+    kind = change.kind
+    if kind is ChangeKind.ADDED:
+        state = change.reason  # the node's source
+    elif kind is ChangeKind.UPDATED:
+        if change.new == NodeSource.STATIC.value:
+            state = change.new
+        else:
+            state = "moved" if change.old != change.new else "changed"
+    else:
+        state = change.new or "none"
+    return state if state in CHANGE_STATES else "other"
+
+
 class ChangeReporter:
     """Tells every change of the pool: one log line each, a counter, then ``on_change()``.
 
@@ -111,7 +140,8 @@ class ChangeReporter:
         self.on_change = on_change
         self._counter = registry.counter(
             "inferno_proxy_node_changes_total",
-            "Changes of nodes in the pool, by kind and new state.",
+            "Changes of nodes in the pool, by kind and new state (health, circuit, stall "
+            "and rotation states; registered/static/moved/changed for additions and updates).",
             ("kind", "state"),
         )
 
@@ -126,7 +156,7 @@ class ChangeReporter:
         told = False
         for change in changes:
             told = True
-            self._counter.labels(kind=change.kind.value, state=change.new or "none").inc()
+            self._counter.labels(kind=change.kind.value, state=change_state(change)).inc()
             kind = change.kind
             if kind is ChangeKind.HEALTH and change.new == HealthState.REMOVED.value:
                 continue

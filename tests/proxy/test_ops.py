@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
-from inferno_proxy.healthloop import ChangeReporter
+from inferno_proxy.healthloop import CHANGE_STATES, ChangeReporter
 from inferno_proxy.nodes import Outcome, PoolSettings
 from inferno_proxy.ops import OpsApp, ServiceLoad
 from inferno_proxy.pool import Pool
@@ -318,6 +318,40 @@ async def test_prometheus_text_has_per_node_gauges(path: str) -> None:
         await ops.post("/deregister", {"id": "node-a"})
         text = (await (await ops.get(path, accept="text/plain")).read()).decode()
         assert 'node="node-a"' not in text  # a node that left leaves no stale series
+
+
+async def test_node_changes_are_counted_under_a_fixed_set_of_labels() -> None:
+    """Registering, moving and removing nodes at distinct addresses adds no series:
+    no label carries an address or an id."""
+
+    def series() -> set[tuple[str, str]]:
+        family = registry.snapshot()["inferno_proxy_node_changes_total"]
+        return {(s["labels"]["kind"], s["labels"]["state"]) for s in family["series"]}
+
+    async with ops_port() as ops:
+        registry = ops.registry
+
+        async def cycle(first: int, count: int) -> None:
+            for i in range(first, first + count):
+                body = registration(f"n{i}", address=f"127.0.0.{i % 250 + 1}:{1000 + i}")
+                assert (await ops.post("/register", body))[0] == 200
+                body["address"] = f"127.0.0.{i % 250 + 1}:{2000 + i}"  # moved
+                assert (await ops.post("/register", body))[0] == 200
+                assert (await ops.post("/deregister", {"id": f"n{i}"}))[0] == 200
+
+        await cycle(0, 2)
+        few = series()
+        await cycle(2, 40)
+        assert series() == few
+        assert few <= {(kind, state) for kind in ("added", "updated", "removed", "draining",
+                                                  "rotation", "health", "circuit", "stall")
+                       for state in CHANGE_STATES}  # fmt: skip
+        assert ("updated", "moved") in few
+        assert ("added", "registered") in few
+        lines = ops.app.render_prometheus().splitlines()
+        counted = [line for line in lines if line.startswith("inferno_proxy_node_changes_total")]
+        assert counted
+        assert not any("127.0.0." in line for line in counted)
 
 
 async def test_health_turns_503_and_vitals_not_ready_while_draining() -> None:
