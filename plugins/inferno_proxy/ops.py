@@ -187,7 +187,7 @@ class OpsApp:
         try:
             registration = Registration.from_json(document)
         except ValidationError as exc:
-            raise exc.to_http() from None
+            raise _invalid("registration", exc) from None
         try:
             changes = self.pool.register(registration, self._clock())
         except PoolFull as exc:
@@ -206,12 +206,12 @@ class OpsApp:
         self._authorize(request)
         document = await request.json()
         if not isinstance(document, dict):
-            raise ValidationError("body", "expected a JSON object").to_http()
+            raise _invalid("deregistration", ValidationError("body", "expected a JSON object"))
         if "id" not in document:
-            raise ValidationError("id", "is required").to_http()
+            raise _invalid("deregistration", ValidationError("id", "is required"))
         node_id = document["id"]
         if not isinstance(node_id, str) or not node_id:
-            raise ValidationError("id", "expected a non-empty string").to_http()
+            raise _invalid("deregistration", ValidationError("id", "expected a non-empty string"))
         self._registrations.labels(result="deregistered").inc()
         self.reporter.report(self.pool.deregister(node_id, self._clock()))
         return Response.json({"status": "deregistered"})
@@ -302,6 +302,18 @@ class OpsApp:
             for circuit in CircuitState:
                 value = 1.0 if node.circuit.state is circuit else 0.0
                 self._node_circuit.labels(node=node.id, state=circuit.value).set(value)
+
+
+def _invalid(what: str, exc: ValidationError) -> HTTPError:
+    """The 400 for an invalid *what* (registration, deregistration), naming the field.
+
+    One problem at a time, the first found (as :meth:`Registration.from_json`
+    checks), worded so the field stands out from its problem:
+    ``invalid registration: field 'metrics_port': is required``.
+    """
+    return HTTPError(
+        400, f"invalid {what}: field {exc.field!r}: {exc.problem}", code="invalid_field"
+    )
 
 
 def _iso(epoch_seconds: float) -> str:

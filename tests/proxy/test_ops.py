@@ -157,6 +157,7 @@ async def test_registering_again_updates_the_node() -> None:
         (registration(address="0.0.0.0:80"), "address"),
         (registration(metrics_port=70000), "metrics_port"),
         (registration(node_type="toaster"), "node_type"),
+        ({"id": "gpu-b", "address": "127.0.0.1:3002", "node_type": "toaster"}, "metrics_port"),
         (registration(models=["a", "a"]), "models[1]"),
         (registration(weight=True), "weight"),
         (registration(id="has space"), "id"),
@@ -167,7 +168,7 @@ async def test_an_invalid_registration_is_refused_naming_the_field(body: Any, fi
     async with ops_port() as ops:
         status, answer = await ops.post("/register", body)
         assert status == 400
-        assert answer["error"]["message"].startswith(f"{field}: ")
+        assert answer["error"]["message"].startswith(f"invalid registration: field {field!r}: ")
         assert answer["error"]["code"] == "invalid_field"
         assert len(ops.pool) == 0  # nothing stored
         assert ops.told == []
@@ -252,10 +253,10 @@ async def test_deregistering_an_unknown_id_is_fine_and_a_missing_id_is_a_400() -
         )
         status, answer = await ops.post("/deregister", {})
         assert status == 400
-        assert answer["error"]["message"] == "id: is required"
+        assert answer["error"]["message"] == "invalid deregistration: field 'id': is required"
         status, answer = await ops.post("/deregister", {"id": 7})
         assert status == 400
-        assert answer["error"]["message"].startswith("id: ")
+        assert answer["error"]["message"].startswith("invalid deregistration: field 'id': ")
 
 
 # --- explaining the pool ----------------------------------------------------------------------
