@@ -32,9 +32,11 @@ admission slot, or the queue place, back at once (``finally`` blocks and
 connection dies silently is noticed only when writing to it fails or stalls.
 
 **Drain deadline.**  When the drain time runs out, :meth:`InferenceAPI.cut_generations`
-stops every generation at once, even one waiting on a silent engine: each
-engine read runs in a cancel scope of its own (a few microseconds a token),
-the only way to interrupt a read already waiting.  A stream then ends with
+stops every generation at once: engine reads that may be cut run in a cancel
+scope of their own, the only way to interrupt a read already waiting.  (Only
+reads begun once the drain started, and first reads, pay for one; a
+generation whose engine has been silent since before the drain began is left
+to the server's shutdown: see :class:`_Cutter`.)  A stream then ends with
 an error event (``{"error": {..., "type": "server_error", "code":
 "draining"}}``) and no ``[DONE]``; a request with nothing sent yet is
 answered 503 ``draining`` with Retry-After, which a proxy may retry
@@ -170,18 +172,36 @@ class GenerationCut(Exception):
     """Raised by an engine read of a generation cut by the drain deadline."""
 
 
+class _Drain:
+    """Whether the node drains, shared by the API and every :class:`_Cutter`."""
+
+    __slots__ = ("started",)
+
+    def __init__(self) -> None:
+        self.started = False
+
+
 class _Cutter:
     """Reads one generation's engine stream so that :meth:`cut` stops it at once.
 
-    Each read runs in a fresh cancel scope (a scope cannot be re-entered, and
-    none may stay open across the caller's ``yield``), so cutting cancels
-    only a read in progress, never the code writing a chunk to the client.
+    A read that :meth:`cut` may have to interrupt runs in a fresh cancel scope
+    (a scope cannot be re-entered, and none may stay open across the caller's
+    ``yield``), so cutting cancels only a read in progress, never the code
+    writing a chunk to the client.  A scope costs microseconds, a sizeable
+    share of a token's cost in the backend, and cuts come only at the end of
+    a drain: so only the first read of a generation and those that begin
+    once the drain has started get one.  The price is a stream whose engine
+    has been silent since before the drain began: it is left to the
+    server's shutdown, after its write grace, without an error event.
     """
 
-    __slots__ = ("_scope", "cut_requested")
+    __slots__ = ("_drain", "_scope", "cut_requested", "reading_unscoped")
 
-    def __init__(self) -> None:
+    def __init__(self, drain: _Drain) -> None:
         self.cut_requested = False
+        #: In a read that :meth:`cut` cannot interrupt (begun before the drain).
+        self.reading_unscoped = False
+        self._drain = drain
         self._scope: anyio.CancelScope | None = None
 
     def cut(self) -> None:
@@ -190,13 +210,24 @@ class _Cutter:
         if self._scope is not None:
             self._scope.cancel()
 
-    async def read(self, stream: AsyncIterator[TokenChunk]) -> TokenChunk | None:
+    async def read(
+        self, stream: AsyncIterator[TokenChunk], *, cuttable: bool = False
+    ) -> TokenChunk | None:
         """The stream's next chunk, or ``None`` at its end.
 
+        :param cuttable: in a cancel scope even before the drain started.
         :raises GenerationCut: when :meth:`cut` was called before or during the read.
         """
         if self.cut_requested:
             raise GenerationCut
+        if not (cuttable or self._drain.started):
+            self.reading_unscoped = True
+            try:
+                return await stream.__anext__()
+            except StopAsyncIteration:
+                return None
+            finally:
+                self.reading_unscoped = False
         with anyio.CancelScope() as scope:
             self._scope = scope
             try:
@@ -303,7 +334,7 @@ class InferenceAPI:
         #: Requests turned away with Retry-After since start: ``backoff_requests``.
         self.backoff_requests = 0
         self._metrics = _Metrics(registry)
-        self._draining = False
+        self._drain = _Drain()
         #: Cancel scopes of WebSocket sessions waiting for a request (closed on drain).
         self.idle_sockets: set[anyio.CancelScope] = set()
         #: Generations admitted and not finished (cut when the drain deadline passes).
@@ -314,32 +345,38 @@ class InferenceAPI:
 
     @property
     def draining(self) -> bool:
-        return self._draining
+        return self._drain.started
 
     def start_draining(self) -> None:
         """Refuse new requests (503), let admitted and queued ones finish, close idle sockets."""
-        self._draining = True
+        self._drain.started = True
         self.admission.close()
         for scope in list(self.idle_sockets):
             scope.cancel()
 
-    def cut_generations(self) -> int:
-        """Stop every admitted generation now (the drain deadline passed); return how many.
+    def cut_generations(self) -> tuple[int, int]:
+        """Stop every admitted generation now (the drain deadline passed).
 
         Streams end with a ``draining`` error event, answers not yet started
         are 503 ``draining``; each frees its slot as it ends.  Requests still
         queued are cut as soon as they are admitted, so they are answered 503
-        ``draining`` at once too instead of starting to generate.
+        ``draining`` at once too instead of starting to generate.  A
+        generation whose engine has said nothing since before the drain
+        began cannot be interrupted (see :class:`_Cutter`): the server's
+        shutdown ends it.
+
+        :returns: how many generations were cut, and how many of them only
+            at their engine's next chunk.
         """
         self._cutting = True
         cutters = list(self._cutters)
         for cutter in cutters:
             cutter.cut()
-        return len(cutters)
+        return len(cutters), sum(cutter.reading_unscoped for cutter in cutters)
 
     def not_ready_reason(self) -> str | None:
         """Why the node should not get traffic now, or ``None`` when it is ready."""
-        if self._draining:
+        if self._drain.started:
             return "draining"
         if not self.engine.ready():
             return "engine not ready"
@@ -430,7 +467,7 @@ class InferenceAPI:
         :raises HTTPError: 404 unknown model, 429/503 turned away, the engine's failure.
         """
         self._check_model(parsed.model)
-        if self._draining:
+        if self._drain.started:
             self._backoff("draining")
             raise _retry_later(503, "the node is draining for shutdown", _DRAINING)
         if not self.engine.ready():
@@ -445,12 +482,12 @@ class InferenceAPI:
                 ) from None
             raise _retry_later(503, "the node is draining for shutdown", _DRAINING) from None
         stream: AsyncIterator[TokenChunk] | None = None
-        cutter = _Cutter()
+        cutter = _Cutter(self._drain)
         cutter.cut_requested = self._cutting
         self._cutters.add(cutter)
         try:
             stream = self.engine.generate(parsed.generation)
-            first = await cutter.read(stream)
+            first = await cutter.read(stream, cuttable=True)  # once per request: cheap
             if first is None:
                 raise OpenAIError(502, "the engine produced nothing", code="engine_error")
         except BaseException as exc:

@@ -375,11 +375,12 @@ async def _serve(
                 await api.admission.wait_idle()
         if waiting.cancelled_caught:
             queued = api.admission.queued
-            cut = api.cut_generations()  # each ends at once, with a "draining" error
+            cut, silent = api.cut_generations()  # they end at once, with a "draining" error
             logger.warning(
-                "drain timeout: cutting %d running generations and %d queued requests",
+                "drain timeout: cutting %d running generations and %d queued requests%s",
                 cut,
                 queued,
+                f" ({silent} of them at their engine's next chunk)" if silent else "",
             )
         service_stop.set()
         ops_stop.set()

@@ -25,6 +25,8 @@ import anyio.abc
 import openai
 import pytest
 from anyio.lowlevel import checkpoint
+from inferno_backend.admission import Admission
+from inferno_backend.api import InferenceAPI
 from inferno_backend.engines.openai import OpenAIEngine
 from inferno_backend.engines.sim import SimEngine
 from inferno_backend.gpu import GPUSampler
@@ -38,7 +40,14 @@ from openai.types.chat import ChatCompletionMessageParam
 from inferno.cli import main
 from inferno.config import HostPort, load_config
 from inferno.errors import HTTPError
-from inferno.http import Request, Response, WebSocketClosed, connect_websocket, serve
+from inferno.http import (
+    Request,
+    Response,
+    ServerInfo,
+    WebSocketClosed,
+    connect_websocket,
+    serve,
+)
 from inferno.http.client import HTTPClient
 from inferno.lifecycle import RoleContext, role_sections
 from inferno.metrics import Registry
@@ -226,22 +235,16 @@ async def test_drain_finishes_running_and_queued_refuses_new_and_closes_idle_soc
 
 
 @pytest.mark.anyio
-async def test_the_drain_deadline_cuts_generations_at_once_with_a_draining_error(
+async def test_the_drain_deadline_answers_unstarted_and_queued_requests_503_at_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    clock = StepClock()  # grants no step after the first: every generation waits on the engine
+    clock = StepClock()  # grants no step: the running request never gets its first token
     engine = SimEngine(load_profile("cpu-tiny"), clock=clock)
-    settings = BackendSettings(
-        port=0, ops_port=0, max_concurrency=2, max_queue=1, drain_timeout=0.0
+    settings = BackendSettings(  # no drain time: the deadline passes at once
+        port=0, ops_port=0, max_concurrency=1, max_queue=1, drain_timeout=0.0
     )
-    stopping, first_data = anyio.Event(), anyio.Event()
-    streamed: list[bytes] = []
+    stopping = anyio.Event()
     answers: dict[str, tuple[int, Any, str | None]] = {}
-
-    def body(stream: bool) -> bytes:
-        fields = {"model": MODEL, "prompt": "x", "max_tokens": 50, "ignore_eos": True}
-        return json.dumps({**fields, "stream": stream}).encode()
-
     async with anyio.create_task_group() as tg, HTTPClient() as http:
         info: BackendInfo = await tg.start(
             functools.partial(
@@ -254,82 +257,135 @@ async def test_the_drain_deadline_cuts_generations_at_once_with_a_draining_error
                 gpu=GPUSampler(load_nvml=no_nvml),
             )
         )
-        url = f"{info.service.url}/v1/completions"
-
-        async def stream() -> None:
-            async with http.stream("POST", url, body=body(True)) as response:
-                assert response.status == 200
-                async for data in response.iter_bytes():
-                    streamed.append(data)
-                    first_data.set()
 
         async def whole(name: str) -> None:
-            response = await http.request("POST", url, body=body(False))
-            answers[name] = (
-                response.status,
-                await response.json(),
-                response.headers.get("retry-after"),
+            body = {"model": MODEL, "prompt": "x", "max_tokens": 50, "ignore_eos": True}
+            response = await http.request(
+                "POST", f"{info.service.url}/v1/completions", body=json.dumps(body).encode()
             )
+            document = await response.json()
+            answers[name] = (response.status, document, response.headers.get("retry-after"))
 
         with anyio.fail_after(WAIT):
             async with anyio.create_task_group() as requests:
-                requests.start_soon(stream)
+                requests.start_soon(whole, "running")  # admitted, waits for its first token
                 await eventually(lambda: in_engine(engine) == 1)
-                clock.allow(1)  # the prefill step: the stream's first token goes out
-                await first_data.wait()
-                requests.start_soon(whole, "running")  # waits for its first token
-                await eventually(lambda: in_engine(engine) == 2)
                 requests.start_soon(whole, "queued")
                 await until_vitals(http, info.ops.url, "requests_queued", 1)
-                stopping.set()  # no drain time at all: the deadline has passed
+                stopping.set()
     assert not tg.cancel_scope.cancel_called  # serve_backend returned by itself
-
-    events = b"".join(streamed).decode().split("\n\n")
-    assert events[-1] == ""
-    *chunks, last = (event.removeprefix("data: ") for event in events[:-1])
-    assert json.loads(chunks[0])["object"] == "text_completion"
-    assert "[DONE]" not in chunks
-    error = json.loads(last)["error"]
-    assert (error["type"], error["code"]) == ("server_error", "draining")
     for name in ("running", "queued"):  # nothing sent yet: a retryable 503
         status, document, retry_after = answers[name]
         assert (status, document["error"]["code"], retry_after) == (503, "draining", "1")
     # Every answer ended before the ports closed: none had to be cancelled.
     assert "still busy" not in caplog.text
-    assert "drain timeout: cutting 2 running generations and 1 queued requests" in caplog.text
+    assert "drain timeout: cutting 1 running generations and 1 queued requests\n" in (caplog.text)
+
+
+@asynccontextmanager
+async def inference_api(
+    engine: SimEngine,
+) -> AsyncIterator[tuple[InferenceAPI, ServerInfo]]:
+    """The service port's handler alone, so a test drives the drain and the cut itself."""
+    api = InferenceAPI(engine, Admission(4, 4), Registry())
+    async with engine, anyio.create_task_group() as tg:
+        stop = anyio.Event()
+        info = await tg.start(functools.partial(serve, api.handle, shutdown=stop))
+        try:
+            yield api, info
+        finally:
+            stop.set()
 
 
 @pytest.mark.anyio
-async def test_the_drain_deadline_ends_a_websocket_generation_with_a_draining_error() -> None:
+async def test_a_cut_stream_ends_at_once_with_a_draining_error_event() -> None:
     clock = StepClock()
     engine = SimEngine(load_profile("cpu-tiny"), clock=clock)
-    settings = BackendSettings(port=0, ops_port=0, drain_timeout=0.0)
-    stopping = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        info: BackendInfo = await tg.start(
-            functools.partial(
-                serve_backend,
-                settings,
-                engine,
-                registry=Registry(),
-                stopping=stopping,
-                shutdown_timeout=2 * WAIT,
-                gpu=GPUSampler(load_nvml=no_nvml),
-            )
-        )
+    events: list[str] = []
+    arrived = anyio.Event()
+
+    async def stream(http: HTTPClient, url: str) -> None:
+        nonlocal arrived
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 50, "stream": True}
+        body["ignore_eos"] = True
+        async with http.stream("POST", url, body=json.dumps(body).encode()) as response:
+            assert response.status == 200
+            buffer = ""
+            async for data in response.iter_bytes():
+                buffer += data.decode()
+                *complete, buffer = buffer.split("\n\n")
+                events.extend(event.removeprefix("data: ") for event in complete)
+                arrived.set()
+                arrived = anyio.Event()
+            assert buffer == ""
+
+    async with inference_api(engine) as (api, info), HTTPClient() as http:
         with anyio.fail_after(WAIT):
-            ws = await connect_websocket(f"ws://127.0.0.1:{info.service.port}/v1/ws")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stream, http, f"{info.url}/v1/completions")
+                await eventually(lambda: in_engine(engine) == 1)
+                clock.allow(1)  # the first token
+                await eventually(lambda: len(events) == 1)
+                api.start_draining()
+                clock.allow(1)  # one more token, then the engine stays silent
+                await eventually(lambda: len(events) == 2)
+                assert api.cut_generations() == (1, 0)  # the drain deadline, as the role calls it
+        assert api.admission.idle
+        assert api.failed_responses == 1
+    *chunks, last = events
+    assert [json.loads(chunk)["object"] for chunk in chunks] == ["text_completion"] * 2
+    error = json.loads(last)["error"]
+    assert (error["type"], error["code"]) == ("server_error", "draining")
+
+
+@pytest.mark.anyio
+async def test_a_stream_silent_since_before_the_drain_is_cut_at_its_next_chunk() -> None:
+    clock = StepClock()
+    engine = SimEngine(load_profile("cpu-tiny"), clock=clock)
+    received: list[bytes] = []
+
+    async def stream(http: HTTPClient, url: str) -> None:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 50, "stream": True}
+        body["ignore_eos"] = True
+        async with http.stream("POST", url, body=json.dumps(body).encode()) as response:
+            async for data in response.iter_bytes():
+                received.append(data)
+
+    async with inference_api(engine) as (api, info), HTTPClient() as http:
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stream, http, f"{info.url}/v1/completions")
+                await eventually(lambda: in_engine(engine) == 1)
+                clock.allow(1)
+                await eventually(lambda: len(received) > 0)
+                api.start_draining()  # its engine read began before: no cancel scope
+                assert api.cut_generations() == (1, 1)
+                clock.allow(1)  # the engine speaks again: the stream ends there
+        assert api.admission.idle
+    assert b"".join(received).endswith(b'"code":"draining","param":null}}\n\n')
+
+
+@pytest.mark.anyio
+async def test_a_cut_websocket_generation_ends_with_a_draining_error_message() -> None:
+    clock = StepClock()
+    engine = SimEngine(load_profile("cpu-tiny"), clock=clock)
+    async with inference_api(engine) as (api, info):
+        with anyio.fail_after(WAIT):
+            ws = await connect_websocket(f"ws://127.0.0.1:{info.port}/v1/ws")
             request = {"model": MODEL, "prompt": "x", "max_tokens": 50, "ignore_eos": True}
             await ws.send(json.dumps(request))
             await eventually(lambda: in_engine(engine) == 1)
             clock.allow(1)
             assert json.loads(await ws.receive())["object"] == "text_completion"
-            stopping.set()
+            api.start_draining()
+            clock.allow(1)
+            assert json.loads(await ws.receive())["object"] == "text_completion"
+            assert api.cut_generations() == (1, 0)
             terminal = json.loads(await ws.receive())
             with pytest.raises(WebSocketClosed) as closed:
                 await ws.receive()
     assert (terminal["status"], terminal["error"]["code"]) == (503, "draining")
-    assert closed.value.code == 1001
+    assert closed.value.code == 1001  # the node drains: the socket is told to go away
 
 
 # -- the role's run(ctx), in process ----------------------------------------------------------
