@@ -38,7 +38,7 @@ from inferno.metrics import Registry
 from inferno_proxy.circuit import CircuitState
 from inferno_proxy.health import HealthState
 from inferno_proxy.nodes import TICK_INTERVAL, ChangeKind, Node, NodeChange, NodeSource
-from inferno_proxy.pool import Pool
+from inferno_proxy.pool import PEER_EXPIRED, Pool
 
 __all__ = ["CHANGE_STATES", "ChangeReporter", "HealthLoop", "change_state", "describe_change"]
 
@@ -56,19 +56,20 @@ CHECK_GRACE: Final = 1.0
 #: Reasons of a removal that is the normal end of a node (the reasons
 #: :meth:`Pool.deregister <inferno_proxy.pool.Pool.deregister>` and the drain that
 #: follows it give): logged at INFO.  Any other removal (failed checks) is a warning.
-ROUTINE_REMOVALS: Final = frozenset({"deregistered", "drained"})
+ROUTINE_REMOVALS: Final = frozenset({"deregistered", "drained", PEER_EXPIRED})
 
 #: Every ``state`` label of ``inferno_proxy_node_changes_total``: the new state of
 #: a health, circuit, stall, draining or rotation change; how a node was added
-#: (its source) or updated (``moved``: a new address, ``changed``: anything else,
-#: ``static``: listed in ``--backends`` too); ``none`` for a removal.  Anything
+#: (its source, or ``peer`` for a node that is not a backend) or updated
+#: (``moved``: a new address, ``changed``: anything else, ``static``: listed in
+#: ``--backends`` too); ``none`` for a removal.  Anything
 #: else counts as ``other``: a label must never carry an address or a name, or
 #: each node would make series that outlive it.
 CHANGE_STATES: Final = frozenset(
     {state.value for state in HealthState}
     | {state.value for state in CircuitState}
     | {source.value for source in NodeSource}
-    | {"flowing", "stalled", "draining", "in", "out", "moved", "changed", "none", "other"}
+    | {"peer", "flowing", "stalled", "draining", "in", "out", "moved", "changed", "none", "other"}
 )
 
 

@@ -21,7 +21,9 @@ unless asked).  The reading routes are open: they serve monitoring, as a
 node's own ``/metrics`` does, and the port is loopback-only by default.
 
 The registration answer lists the *other* nodes the proxy knows (proxies and
-backends), so a node that knows one proxy learns the rest of the fleet.
+backends), so a node that knows one proxy learns the rest of the fleet.  A
+node that is not a backend is a peer (:class:`~inferno_proxy.pool.Pool`): listed,
+never routed to or checked, forgotten when it stops re-registering.
 """
 
 from __future__ import annotations
@@ -238,7 +240,7 @@ class OpsApp:
             memory_usage=_memory_usage(),
             failed_responses=max(0, load.failed_responses),
             backoff_requests=max(0, load.backoff_requests),
-            connected_peers=len(self.pool),
+            connected_peers=len(self.pool.peers()),
             uptime_seconds=max(0.0, self._clock() - self._started),
             version=__version__,
             models=tuple(self.pool.models()),

@@ -22,6 +22,13 @@ with the other workers.
 Asking it: :meth:`Pool.eligible` gives the candidates for a model, after the
 health, circuit, readiness, draining and stall filters, and the panic valve;
 a routing policy (:mod:`inferno_proxy.policies`) then picks one of them.
+
+**Peers.**  Only backends are nodes of the pool.  A registration of any other
+``node_type`` (another proxy, a governator) makes a *peer*: listed by
+:meth:`Pool.peers` (``GET /peers``, the registration answer) and nothing else:
+never routed to, never checked, never in ``GET /backends``.  Nobody checks a
+peer, so it is forgotten :data:`PEER_TTL` seconds after its latest
+registration (:meth:`Pool.tick`), or when it deregisters.
 """
 
 from __future__ import annotations
@@ -52,9 +59,16 @@ from inferno_proxy.nodes import (
     Selection,
 )
 
-__all__ = ["Pool"]
+__all__ = ["PEER_EXPIRED", "PEER_TTL", "Pool"]
 
 _NO_CHANGES: Final[tuple[NodeChange, ...]] = ()
+
+#: Seconds a peer is kept after its latest registration.  Nodes re-announce every
+#: ``announce_interval`` (30 s by default, DESIGN.md): three missed announcements
+#: mean it is gone, one late or lost announcement does not drop it.
+PEER_TTL: Final = 90.0
+#: The reason of a peer's removal when it did not re-register within PEER_TTL.
+PEER_EXPIRED: Final = f"peer not announced for {PEER_TTL:g}s"
 
 
 class Pool:
@@ -66,21 +80,24 @@ class Pool:
     def __init__(self, settings: PoolSettings | None = None) -> None:
         self.settings = settings or PoolSettings()
         self._nodes: dict[str, Node] = {}
+        #: Nodes that are not backends: id -> (their description, latest registration).
+        self._peers: dict[str, tuple[NodeInfo, float]] = {}
 
     # --- reading ----------------------------------------------------------------------------
 
     def get(self, node_id: str) -> Node | None:
-        """The node with *node_id*, or ``None``."""
+        """The backend with *node_id*, or ``None`` (peers are not nodes: see :meth:`peers`)."""
         return self._nodes.get(node_id)
 
     def __contains__(self, node_id: object) -> bool:
         return node_id in self._nodes
 
     def __len__(self) -> int:
+        """Backends in the pool (peers not counted)."""
         return len(self._nodes)
 
     def nodes(self) -> list[Node]:
-        """Every node, of every type, in arrival order."""
+        """Every node (every backend: peers are not nodes), in arrival order."""
         return list(self._nodes.values())
 
     def backends(self) -> list[Node]:
@@ -88,8 +105,11 @@ class Pool:
         return [node for node in self._nodes.values() if node.routable]
 
     def peers(self) -> list[NodeInfo]:
-        """Descriptions of every known node (``GET /peers``, the registration answer)."""
-        return [node.info for node in self._nodes.values()]
+        """Descriptions of every known node, backends first, then the other peers
+        (``GET /peers``, the registration answer)."""
+        return [node.info for node in self._nodes.values()] + [
+            info for info, _ in self._peers.values()
+        ]
 
     def describe(self, now: float) -> list[dict[str, Any]]:
         """``GET /backends``: every backend's state, explained (see :meth:`Node.describe`)."""
@@ -150,6 +170,8 @@ class Pool:
         :raises PoolFull: when a new node would exceed ``max_nodes``.
         """
         info = NodeInfo.from_registration(node) if isinstance(node, Registration) else node
+        if info.node_type != NodeType.BACKEND:
+            return self._register_peer(info, now)
         existing = self._nodes.get(info.id)
         if existing is None:
             return self._add(info, NodeSource.REGISTERED, now)
@@ -214,6 +236,11 @@ class Pool:
         static node is marked not ready instead, and joins again on its next
         passing check after it restarts.  An unknown id changes nothing.
         """
+        peer = self._peers.pop(node_id, None)
+        if peer is not None:
+            return (
+                NodeChange(node_id, ChangeKind.REMOVED, peer[0].address, "", now, "deregistered"),
+            )
         node = self._nodes.get(node_id)
         if node is None:
             return _NO_CHANGES
@@ -391,6 +418,12 @@ class Pool:
         requests end.
         """
         changes: list[NodeChange] = []
+        for peer_id, (info, seen) in list(self._peers.items()):
+            if now - seen >= PEER_TTL:
+                del self._peers[peer_id]
+                changes.append(
+                    NodeChange(peer_id, ChangeKind.REMOVED, info.address, "", now, PEER_EXPIRED)
+                )
         stall_timeout = self.settings.stall_timeout
         for node in list(self._nodes.values()):
             self._record(node, ChangeKind.CIRCUIT, node.circuit.poll(now), changes)
@@ -416,11 +449,38 @@ class Pool:
     # --- internals --------------------------------------------------------------------------
 
     def _add(self, info: NodeInfo, source: NodeSource, now: float) -> tuple[NodeChange, ...]:
-        if len(self._nodes) >= self.settings.max_nodes:
-            raise PoolFull(f"the pool holds {len(self._nodes)} nodes, its maximum")
+        self._check_room(info.id)
+        self._peers.pop(info.id, None)  # a peer that now registers as a backend
         node = self._nodes[info.id] = Node(info, source, self.settings, now)
         changes = [NodeChange(info.id, ChangeKind.ADDED, "", info.address, now, source.value)]
         self._settle(node, now, changes)
+        return tuple(changes)
+
+    def _check_room(self, node_id: str) -> None:
+        """Refuse a new id past ``max_nodes``, backends and peers together.
+
+        :raises PoolFull: when it would not fit.
+        """
+        held = len(self._nodes) + len(self._peers)
+        if held >= self.settings.max_nodes and node_id not in self._peers:
+            raise PoolFull(f"the pool holds {held} nodes, its maximum")
+
+    def _register_peer(self, info: NodeInfo, now: float) -> tuple[NodeChange, ...]:
+        """Add or refresh a peer (a node that is not a backend); see the module docstring."""
+        changes: list[NodeChange] = []
+        if info.id in self._nodes:  # a backend that registers as another type now
+            if self._nodes[info.id].source is NodeSource.STATIC:
+                raise ValidationError("id", f"{info.id!r} is a static backend (--backends)")
+            changes.extend(self.remove(info.id, now, f"registered again as a {info.node_type}"))
+        known = self._peers.get(info.id)
+        if known is None:
+            self._check_room(info.id)
+            changes.append(NodeChange(info.id, ChangeKind.ADDED, "", info.address, now, "peer"))
+        elif known[0] != info:
+            changes.append(
+                NodeChange(info.id, ChangeKind.UPDATED, known[0].address, info.address, now)
+            )
+        self._peers[info.id] = (info, now)
         return tuple(changes)
 
     def _judge(

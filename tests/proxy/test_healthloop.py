@@ -237,6 +237,30 @@ async def test_a_registered_node_that_is_down_is_removed_a_static_one_stays() ->
         assert state(the_pool, static.address) == "healthy"
 
 
+async def test_a_registered_proxy_is_a_peer_never_checked_nor_in_rotation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="inferno_proxy.health")
+    backend, proxy = StandIn(), StandIn()
+    the_pool = pool(failure_threshold=1, removal_threshold=2)
+    reporter = ChangeReporter(the_pool, Registry())
+    async with running(backend, proxy), health_loop(the_pool, reporter=reporter) as loop:
+        reporter.report(the_pool.register(backend.registration(), 0.0))
+        peer = Registration(
+            id="proxy-2", address=proxy.address, metrics_port=proxy.ops_port, node_type="proxy"
+        )
+        reporter.report(the_pool.register(peer, 0.0))
+        for _ in range(3):
+            await loop.check_all()
+    assert backend.paths == ["/metrics"] * 3
+    assert proxy.paths == []  # a peer is not a backend: nothing to check
+    assert [p.id for p in the_pool.peers()] == ["node-a", "proxy-2"]
+    assert the_pool.get("proxy-2") is None
+    assert [d["id"] for d in the_pool.describe(1.0)] == ["node-a"]
+    told = [m for m in caplog.messages if m.startswith("node proxy-2")]
+    assert told == [f"node proxy-2 added (peer) at {proxy.address}"]
+
+
 async def test_static_backends_are_checked_with_the_static_checker() -> None:
     static, registered = StandIn(health_status=200), StandIn()
     the_pool = pool()

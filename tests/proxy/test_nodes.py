@@ -19,7 +19,7 @@ from inferno_proxy.nodes import (
     PoolSettings,
     Why,
 )
-from inferno_proxy.pool import Pool
+from inferno_proxy.pool import PEER_EXPIRED, PEER_TTL, Pool
 
 from inferno.errors import ValidationError
 from inferno.protocol import NodeVitals, Registration
@@ -121,6 +121,44 @@ def test_peers_lists_every_node_and_only_backends_are_routed() -> None:
     assert [n.id for n in pool.backends()] == ["b1"]
     assert ids(pool) == ["b1"]
     assert [d["id"] for d in pool.describe(1.0)] == ["b1"]
+
+
+def test_other_node_types_are_peers_kept_while_they_announce() -> None:
+    pool = Pool()
+    pool.register(registration("b1"), 0.0)
+    proxy = registration("p1", node_type="proxy")
+    changes = pool.register(proxy, 0.0)
+    assert kinds(changes) == [("added", "", proxy.address)]  # no health, no rotation
+    assert changes[0].reason == "peer"
+    assert "p1" not in pool
+    assert [n.id for n in pool.nodes()] == ["b1"]  # what the health loop checks
+    assert pool.register(proxy, 60.0) == ()  # re-announced: no news, but fresh again
+    assert pool.tick(60.0 + PEER_TTL - 1.0) == ()
+    changes = pool.tick(60.0 + PEER_TTL)
+    assert kinds(changes) == [("removed", proxy.address, "")]
+    assert changes[0].reason == PEER_EXPIRED
+    assert [p.id for p in pool.peers()] == ["b1"]
+    pool.register(proxy, 200.0)
+    assert kinds(pool.deregister("p1", 201.0)) == [("removed", proxy.address, "")]
+    assert [p.id for p in pool.peers()] == ["b1"]
+
+
+def test_a_node_that_changes_type_moves_between_backends_and_peers() -> None:
+    pool = Pool(PoolSettings(max_nodes=2))
+    pool.register(registration("x"), 0.0)
+    changes = pool.register(registration("x", node_type="governator"), 1.0)
+    assert [c.kind for c in changes] == [ChangeKind.REMOVED, ChangeKind.ADDED]
+    assert pool.get("x") is None
+    assert [(p.id, p.node_type) for p in pool.peers()] == [("x", "governator")]
+    pool.register(registration("x"), 2.0)
+    assert [(p.id, p.node_type) for p in pool.peers()] == [("x", "backend")]
+    pool.register(registration("p", node_type="proxy"), 3.0)
+    with pytest.raises(PoolFull):  # peers count against max_nodes too
+        pool.register(registration("q", node_type="proxy"), 3.0)
+    pool.deregister("p", 4.0)
+    pool.add_static("127.0.0.1:9", 4.0)
+    with pytest.raises(ValidationError, match="static backend"):
+        pool.register(registration("127.0.0.1:9", node_type="proxy"), 5.0)
 
 
 def test_the_pool_is_bounded() -> None:
