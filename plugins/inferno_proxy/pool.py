@@ -339,6 +339,11 @@ class Pool:
         lease.done = True
         node = lease.node
         node.in_flight -= 1
+        if not self._holds(node):
+            # Removed (or replaced by a re-registration) while this request ran:
+            # the outcome says nothing about a node the pool no longer routes
+            # to, and its health machine is finished (REMOVED accepts no event).
+            return _NO_CHANGES
         changes: list[NodeChange] = []
         self._judge(node, lease.admission, outcome, now, reason, changes)
         if node.in_flight == 0 and node.stalled_since is not None:
