@@ -52,6 +52,7 @@ import functools
 import json
 import logging
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Final
 from urllib.parse import unquote
@@ -195,7 +196,7 @@ class _Cutter:
     server's shutdown, after its write grace, without an error event.
     """
 
-    __slots__ = ("_drain", "_scope", "cut_requested", "reading_unscoped")
+    __slots__ = ("__weakref__", "_drain", "_scope", "cut_requested", "reading_unscoped")
 
     def __init__(self, drain: _Drain) -> None:
         self.cut_requested = False
@@ -338,7 +339,8 @@ class InferenceAPI:
         #: Cancel scopes of WebSocket sessions waiting for a request (closed on drain).
         self.idle_sockets: set[anyio.CancelScope] = set()
         #: Generations admitted and not finished (cut when the drain deadline passes).
-        self._cutters: set[_Cutter] = set()
+        #: Weak: a stream whose body the server never iterated is just dropped (_Body).
+        self._cutters: weakref.WeakSet[_Cutter] = weakref.WeakSet()
         self._cutting = False  # the drain deadline passed: cut what is admitted from now on
 
     # -- state -------------------------------------------------------------------------
