@@ -12,9 +12,19 @@ A request goes through, in order: the per-IP rate limit, the API key and its
 rate limit (:mod:`~inferno_proxy.auth`); ``GET /v1/models`` is answered here,
 WebSocket upgrades go to :mod:`~inferno_proxy.wsrelay`; any other request has
 its body buffered (so it can be sent again) and, when it is JSON, read for
-``model`` and the affinity key.  An unknown model is 404.  The routing policy
-picks a node among :meth:`Pool.eligible <inferno_proxy.pool.Pool.eligible>`;
-with none, the request waits in the model's queue (:mod:`~inferno_proxy.waitqueue`).
+``model`` and the affinity key.  The routing policy picks a node among
+:meth:`Pool.eligible <inferno_proxy.pool.Pool.eligible>`; with none, the
+request waits in the model's queue (:mod:`~inferno_proxy.waitqueue`).
+
+**Unknown models.**  A model no node in the pool serves (in any state) is 404
+``model_not_found`` only when the pool has backends *and* none of them served
+it in the last :data:`~inferno_proxy.modelmemory.MODEL_MEMORY_SECONDS` (ten
+minutes; :mod:`~inferno_proxy.modelmemory`).  A model served lately, or any
+model while the pool has no backend at all (a fleet starting, or every node
+gone), waits in the queue like a request whose nodes are all out, so a node
+that is starting or restarting can take it: up to ``queue_timeout``, then 503
+with ``Retry-After``, or 404 if by then the pool has backends and the model
+is still unknown to them.
 
 **Attempts.**  The request goes to the node through the pooled HTTP client.
 Until the first byte goes to the client, a connect failure, a reset, a
@@ -81,6 +91,7 @@ from inferno.http.websocket import DEFAULT_MAX_MESSAGE_BYTES
 from inferno.metrics import Registry
 from inferno_proxy.auth import ApiKeys, RateLimits
 from inferno_proxy.budget import RetryBudget, retry_after_header
+from inferno_proxy.modelmemory import ModelMemory
 from inferno_proxy.nodes import Lease, Node, NodeChange, Outcome
 from inferno_proxy.policies import RoutingPolicy
 from inferno_proxy.pool import Pool
@@ -88,7 +99,7 @@ from inferno_proxy.proxyheaders import HeaderRules
 from inferno_proxy.relay import Opened, Relay, close_stream, status_outcome
 from inferno_proxy.requestinfo import Exchange, inspect_body, model_not_found, read_body
 from inferno_proxy.servicemetrics import ServiceMetrics
-from inferno_proxy.waitqueue import WaitQueue
+from inferno_proxy.waitqueue import QueueTimeout, WaitQueue
 
 __all__ = ["DEFAULT_SECURITY_HEADERS", "ForwardSettings", "ServiceApp"]
 
@@ -228,10 +239,12 @@ class ServiceApp:
         self.queue = WaitQueue(settings.max_queue)
         self.metrics = ServiceMetrics(metrics, pool, self.queue)
         self.created = int(time.time())  # the "created" of /v1/models entries
+        #: The models the pool's backends served lately (see "Unknown models" above).
+        self.models_seen = ModelMemory()
         self._in_flight = 0
         self.policy = policy
         self.reconfigure(settings)
-        self.metrics.sync_nodes()
+        self.pool_changed()
 
     def reconfigure(self, settings: ForwardSettings) -> None:
         """Apply new settings (a reload); requests in flight keep their timeouts."""
@@ -271,8 +284,11 @@ class ServiceApp:
         return self._in_flight
 
     def pool_changed(self) -> None:
-        """The pool changed (registration, check, circuit, removal): wake waiting
-        requests and follow the node set in the metrics.  Call from the event loop."""
+        """The pool changed (registration, check, circuit, removal, a node's model
+        list): wake waiting requests, follow the node set in the metrics and note the
+        models served.  Call from the event loop."""
+        served = {model for node in self.pool.backends() for model in node.models}
+        self.models_seen.observe(served, self.clock())
         self.queue.wake()
         self.metrics.sync_nodes()
 
@@ -344,14 +360,37 @@ class ServiceApp:
         return await self._forward(exchange, body, model, key)
 
     def check_model(self, exchange: Exchange, model: str) -> None:
-        """Label the exchange with *model*.
+        """Label the exchange with *model*, or refuse a model no node will serve.
 
-        :raises HTTPError: 404 ``model_not_found`` when no node, in any state, serves it.
+        See "Unknown models" in the module docstring: a model served now or
+        lately is labelled as itself; one named while the pool has no backend
+        is labelled ``unknown`` (a client's name is no bounded label) until a
+        node serving it is found (:meth:`label_model`).
+
+        :raises HTTPError: 404 ``model_not_found`` when the pool has backends,
+            none serves *model*, and none served it lately.
         """
-        if not self.pool.serves(model):
-            exchange.model = "unknown"
+        if self.pool.serves(model) or self.models_seen.remembers(model, self.clock()):
+            exchange.model = model
+            return
+        exchange.model = "unknown"
+        if len(self.pool):
             raise model_not_found(model)
-        exchange.model = model
+
+    def expects(self, model: str) -> bool:
+        """Whether a request for *model* may wait for a node rather than be 404."""
+        return (
+            self.pool.serves(model)
+            or self.models_seen.remembers(model, self.clock())
+            or not len(self.pool)
+        )
+
+    @staticmethod
+    def label_model(exchange: Exchange, model: str | None, node: Node) -> None:
+        """Label a request that waited for an unknown model with it, once *node*
+        lists it (a registered model name: a bounded label)."""
+        if model is not None and exchange.model == "unknown" and model in node.models:
+            exchange.model = model
 
     def _models(self, exchange: Exchange) -> Response:
         """``GET /v1/models`` (the models of the nodes in rotation) and ``/v1/models/{id}``."""
@@ -387,6 +426,8 @@ class ServiceApp:
 
         :raises QueueFull: 429 when the model's queue is full.
         :raises QueueTimeout: 503 when no node came within ``queue_timeout``.
+        :raises HTTPError: 404 when the wait ends with backends in the pool and
+            *model* unknown to them (see :meth:`expects`).
         """
         clock = self.clock
         began = clock()
@@ -399,6 +440,10 @@ class ServiceApp:
             return await self.queue.wait_for(
                 model, lambda: self.choose(model, key, []), self.settings.queue_timeout
             )
+        except QueueTimeout:
+            if model is not None and not self.expects(model):
+                raise model_not_found(model) from None  # nodes came, none serves it
+            raise
         finally:
             self.metrics.queue_wait.observe(clock() - queued)
 
@@ -432,6 +477,7 @@ class ServiceApp:
     ) -> Response:
         self.budget.record_request(self.clock())
         node = await self.first_node(model, key)
+        self.label_model(exchange, model, node)
         headers = self.headers.upstream(exchange, strip_authorization=self.api_keys is not None)
         tried: list[str] = []
         while True:

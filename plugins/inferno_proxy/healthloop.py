@@ -168,7 +168,13 @@ class ChangeReporter:
                 describe_change(change, self.pool),
                 extra={"node": change.node_id, "change": kind.value, "state": change.new},
             )
-        if told and notify and self.on_change is not None:
+        if told and notify:
+            self.notify()
+
+    def notify(self) -> None:
+        """Call ``on_change`` for a change of the pool that is no :class:`NodeChange`
+        (a node's model list, read from its vitals)."""
+        if self.on_change is not None:
             self.on_change()
 
 
@@ -297,7 +303,14 @@ class HealthLoop:
         current = self.pool.get(node_id)
         if current is None or current.address != address:
             return  # it left, or moved: this result is about a node that no longer exists
-        self.apply(self._feed(node_id, checker.name, result))
+        models = current.models
+        changes = self._feed(node_id, checker.name, result)
+        if changes:
+            self.apply(changes)
+        elif current.models != models:
+            # No state moved, but the data path follows model lists (/v1/models,
+            # and which unknown models may wait rather than be 404).
+            self.reporter.notify()
 
     def _feed(self, node_id: str, checker: str, result: CheckResult) -> tuple[NodeChange, ...]:
         now = self.clock()

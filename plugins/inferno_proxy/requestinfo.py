@@ -39,8 +39,9 @@ class Exchange:
     """One client request on its way through the proxy: what every step needs.
 
     :ivar route: the metrics label of its path (bounded: see :data:`ROUTES`).
-    :ivar model: the metrics label of its model: one the pool knows,
-        ``"unknown"`` (answered 404), or ``""`` (none named).
+    :ivar model: the metrics label of its model: one the pool knows or
+        knew lately, ``"unknown"`` (answered 404, or waiting for a node while
+        the pool had none), or ``""`` (none named).
     """
 
     __slots__ = ("client_ip", "model", "request", "request_id", "route", "started")

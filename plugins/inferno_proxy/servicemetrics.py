@@ -16,10 +16,11 @@ name                                           type       labels
 =============================================  =========  ==========================
 
 Label values are bounded: ``route`` is one of the known OpenAI paths or
-``other``, ``model`` a model some node serves (``unknown`` for a 404, empty
-for a request naming none), ``reason`` one of a few failure kinds, ``node``
-a node in the pool (its series leaves with it).  The gauges read the pool and
-the queue when scraped, so the request path pays nothing for them.
+``other``, ``model`` a model some node serves or served lately (``unknown``
+for a 404 or a model no node had named yet, empty for a request naming
+none), ``reason`` one of a few failure kinds, ``node`` a node in the pool
+(its series leaves with it).  The gauges read the pool and the queue when
+scraped, so the request path pays nothing for them.
 """
 
 from __future__ import annotations

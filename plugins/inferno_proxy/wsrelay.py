@@ -138,6 +138,7 @@ async def open_relay(app: ServiceApp, exchange: Exchange) -> Response:
     key = affinity_key(session, None) if session and app.wants_key else None
     app.budget.record_request(app.clock())
     node = await app.first_node(model, key)
+    app.label_model(exchange, model, node)
     headers = app.headers.websocket(exchange, strip_authorization=app.api_keys is not None)
     offered = [
         p.strip()

@@ -209,6 +209,22 @@ async def test_vitals_feed_the_pool_and_ready_false_takes_a_node_out_at_once() -
         assert state(the_pool, "node-a") == "healthy"  # its own word is enough
 
 
+async def test_a_model_list_changed_by_vitals_is_told_to_the_data_path() -> None:
+    node = StandIn()
+    the_pool = pool()
+    told: list[int] = []
+    reporter = ChangeReporter(the_pool, Registry(), on_change=lambda: told.append(1))
+    async with running(node), health_loop(the_pool, reporter=reporter) as loop:
+        the_pool.register(node.registration(models=("old",)), 0.0)
+        await loop.check_all()
+        found = the_pool.get("node-a")
+        assert found is not None
+        assert found.models == ("tiny",)  # from its vitals
+        assert told == [1]  # no state moved, yet the data path follows model lists
+        await loop.check_all()
+        assert told == [1]  # the same list again: nothing to tell
+
+
 async def test_a_registered_node_that_is_down_is_removed_a_static_one_stays() -> None:
     registered, static = StandIn(), StandIn()
     the_pool = pool(failure_threshold=3, removal_threshold=10)
