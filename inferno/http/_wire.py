@@ -30,6 +30,12 @@ waits, so it tells its ``watcher`` from there; under TLS the raw
 ``AsyncioWire`` below the ``TLSStream`` is the one watched.  An anyio stream
 tells nothing until read, so on that path (other event loops) the server reads
 ahead in one task per connection (:mod:`inferno.http._readahead`).
+
+Watching TLS from below has two limits, both for rare clients: a TLS client
+that sends its ``close_notify`` but keeps TCP open, waiting for ours, counts
+as gone only once it closes TCP (browsers and curl close at once); and bytes
+still encrypted cannot be told from a ``close_notify``, so requests pipelined
+over TLS just before a TCP half-close may be cancelled instead of answered.
 """
 
 from __future__ import annotations
