@@ -15,16 +15,10 @@ its body buffered (so it can be sent again) and, when it is JSON, read for
 ``model`` and the affinity key.  The routing policy picks a node among
 :meth:`Pool.eligible <inferno_proxy.pool.Pool.eligible>`; with none, the
 request waits in the model's queue (:mod:`~inferno_proxy.waitqueue`).
-
-**Unknown models.**  A model no node in the pool serves (in any state) is 404
-``model_not_found`` only when the pool has backends *and* none of them served
-it in the last :data:`~inferno_proxy.modelmemory.MODEL_MEMORY_SECONDS` (ten
-minutes; :mod:`~inferno_proxy.modelmemory`).  A model served lately, or any
-model while the pool has no backend at all (a fleet starting, or every node
-gone), waits in the queue like a request whose nodes are all out, so a node
-that is starting or restarting can take it: up to ``queue_timeout``, then 503
-with ``Retry-After``, or 404 if by then the pool has backends and the model
-is still unknown to them.
+:mod:`~inferno_proxy.selection` holds that part, and says when a model
+nobody serves is 404 and when it waits ("Unknown models"), and how a request
+whose nodes were all unreachable waits for one to come back ("Unreachable
+nodes").
 
 **Attempts.**  The request goes to the node through the pooled HTTP client.
 Until the first byte goes to the client, a connect failure, a reset, a
@@ -36,7 +30,9 @@ first chunk (or, for a small response with a ``Content-Length``, the whole
 body) has arrived, so a node that dies between its head and its first token
 (vLLM sends the head at once) costs the client nothing.  Once a byte went
 out, nothing is retried: a failure ends the client's response early (the
-connection closes, so a chunked body is visibly truncated).
+connection closes, so a chunked body is visibly truncated).  When every node
+tried was unreachable and no attempt is left, the request waits for one to
+come back (:meth:`~inferno_proxy.selection.NodeSelection.await_return`).
 
 **Timeouts** are per phase, never a total: ``connect_timeout``, then
 ``first_byte_timeout``, one deadline for the whole start of the response (from
@@ -98,8 +94,9 @@ from inferno_proxy.pool import Pool
 from inferno_proxy.proxyheaders import HeaderRules
 from inferno_proxy.relay import Opened, Relay, close_stream, status_outcome
 from inferno_proxy.requestinfo import Exchange, inspect_body, model_not_found, read_body
+from inferno_proxy.selection import NodeSelection
 from inferno_proxy.servicemetrics import ServiceMetrics
-from inferno_proxy.waitqueue import QueueTimeout, WaitQueue
+from inferno_proxy.waitqueue import WaitQueue
 
 __all__ = ["DEFAULT_SECURITY_HEADERS", "ForwardSettings", "ServiceApp"]
 
@@ -127,7 +124,8 @@ class ForwardSettings:
         response; it ends the client's response early.  Never a total cap.
     :ivar max_attempts: nodes tried at most for one request (1: no retries).
     :ivar queue_timeout: seconds a request waits for a node when none is
-        available, then 503 (0: no waiting).
+        available, or for one to come back when every node tried was
+        unreachable (counted from its arrival), then 503 (0: no waiting).
     :ivar max_queue: requests that may wait per model; beyond it, 429.
     :ivar security_headers: ``(name, value)`` pairs set on every response
         (replacing a node's own).
@@ -184,6 +182,7 @@ class _Failed:
     retryable: bool
     reason: str  # metrics label
     opened: Opened | None = None  # an upstream answer (429/502/503) to pass on instead
+    unreachable: bool = False  # connect refused or timed out, reset: the node, not the request
 
     def error(self) -> HTTPError:
         headers = [("retry-after", retry_after_header(FAILED_RETRY_AFTER))]
@@ -192,7 +191,7 @@ class _Failed:
         )
 
 
-class ServiceApp:
+class ServiceApp(NodeSelection):
     """The handler of the service port (:meth:`handle`) and its per-process state.
 
     :param pool: the node pool the control plane maintains.
@@ -239,7 +238,6 @@ class ServiceApp:
         self.queue = WaitQueue(settings.max_queue)
         self.metrics = ServiceMetrics(metrics, pool, self.queue)
         self.created = int(time.time())  # the "created" of /v1/models entries
-        #: The models the pool's backends served lately (see "Unknown models" above).
         self.models_seen = ModelMemory()
         self._in_flight = 0
         self.policy = policy
@@ -359,39 +357,6 @@ class ServiceApp:
             self.check_model(exchange, model)
         return await self._forward(exchange, body, model, key)
 
-    def check_model(self, exchange: Exchange, model: str) -> None:
-        """Label the exchange with *model*, or refuse a model no node will serve.
-
-        See "Unknown models" in the module docstring: a model served now or
-        lately is labelled as itself; one named while the pool has no backend
-        is labelled ``unknown`` (a client's name is no bounded label) until a
-        node serving it is found (:meth:`label_model`).
-
-        :raises HTTPError: 404 ``model_not_found`` when the pool has backends,
-            none serves *model*, and none served it lately.
-        """
-        if self.pool.serves(model) or self.models_seen.remembers(model, self.clock()):
-            exchange.model = model
-            return
-        exchange.model = "unknown"
-        if len(self.pool):
-            raise model_not_found(model)
-
-    def expects(self, model: str) -> bool:
-        """Whether a request for *model* may wait for a node rather than be 404."""
-        return (
-            self.pool.serves(model)
-            or self.models_seen.remembers(model, self.clock())
-            or not len(self.pool)
-        )
-
-    @staticmethod
-    def label_model(exchange: Exchange, model: str | None, node: Node) -> None:
-        """Label a request that waited for an unknown model with it, once *node*
-        lists it (a registered model name: a bounded label)."""
-        if model is not None and exchange.model == "unknown" and model in node.models:
-            exchange.model = model
-
     def _models(self, exchange: Exchange) -> Response:
         """``GET /v1/models`` (the models of the nodes in rotation) and ``/v1/models/{id}``."""
         path = exchange.request.path
@@ -411,53 +376,6 @@ class ServiceApp:
 
     def _model_object(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "inferno"}
-
-    # --- choosing a node ----------------------------------------------------------------
-
-    def choose(self, model: str | None, key: str | None, exclude: list[str]) -> Node | None:
-        """The policy's pick among the nodes eligible for *model*, or ``None``."""
-        candidates = self.pool.eligible(model).candidates
-        if not candidates:
-            return None
-        return self._policy.choose(candidates, key=key, now=self.clock(), exclude=exclude)
-
-    async def first_node(self, model: str | None, key: str | None) -> Node:
-        """The node for a request's first attempt, waiting in the queue when there is none.
-
-        :raises QueueFull: 429 when the model's queue is full.
-        :raises QueueTimeout: 503 when no node came within ``queue_timeout``.
-        :raises HTTPError: 404 when the wait ends with backends in the pool and
-            *model* unknown to them (see :meth:`expects`).
-        """
-        clock = self.clock
-        began = clock()
-        node = self.choose(model, key, [])
-        self.metrics.selection.observe(clock() - began)
-        if node is not None:
-            return node
-        queued = clock()
-        try:
-            return await self.queue.wait_for(
-                model, lambda: self.choose(model, key, []), self.settings.queue_timeout
-            )
-        except QueueTimeout:
-            if model is not None and not self.expects(model):
-                raise model_not_found(model) from None  # nodes came, none serves it
-            raise
-        finally:
-            self.metrics.queue_wait.observe(clock() - queued)
-
-    def next_node(self, model: str | None, key: str | None, tried: list[str]) -> Node | None:
-        """Another node for a retry, if one is left and the budget allows; ``None`` otherwise."""
-        if len(tried) >= self.settings.max_attempts:
-            return None
-        node = self.choose(model, key, tried)
-        if node is None:
-            return None
-        if not self.budget.try_retry(self.clock()):
-            self.metrics.budget_exhausted.inc()
-            return None
-        return node
 
     def finish(self, lease: Lease, outcome: Outcome, reason: str = "") -> None:
         """Report how a request to a node ended (safe to call twice)."""
@@ -480,18 +398,30 @@ class ServiceApp:
         self.label_model(exchange, model, node)
         headers = self.headers.upstream(exchange, strip_authorization=self.api_keys is not None)
         tried: list[str] = []
+        unreachable = True  # every attempt so far failed in transport
         while True:
             tried.append(node.id)
             result = await self._attempt(exchange, node, headers, body)
             if isinstance(result, Response):
                 return result
             self.metrics.upstream_failures.labels(result.reason).inc()
-            following = self.next_node(model, key, tried) if result.retryable else None
+            unreachable = unreachable and result.unreachable
+            untried = self.untried(model, key, tried) if result.retryable else None
+            following = untried if untried is not None and self.pay_retry() else None
             opened = result.opened
             if following is None:
                 if opened is not None:  # the node's own 429/502/503: pass it on
                     return self._respond(exchange, opened)
-                raise result.error()
+                if not unreachable or untried is not None:  # (the budget refused it)
+                    raise result.error()
+                node = await self.await_return(exchange, model, key, result.error())
+                logger.debug(
+                    "sending %s to %s, back after %s",
+                    exchange.request_id.decode("latin-1"),
+                    node.id,
+                    result.reason,
+                )
+                continue
             if opened is not None:
                 self.finish_status(opened.lease, opened.response.status)
                 await close_stream(opened.cm)
@@ -599,13 +529,28 @@ def _error_outcome(exc: ClientError) -> Outcome:
 def _failure(exc: ClientError, node: Node) -> _Failed:
     """What a client error before the first byte means for the request."""
     if isinstance(exc, (ConnectError, PoolTimeout)):  # nothing was sent: try elsewhere
+        # A full connection pool is our own limit, not the node being away.
+        unreachable = not isinstance(exc, PoolTimeout)
         return _Failed(
-            503, f"cannot reach {node.id}: {exc}", "no_healthy_upstream", True, "connect"
+            503,
+            f"cannot reach {node.id}: {exc}",
+            "no_healthy_upstream",
+            True,
+            "connect",
+            unreachable=unreachable,
         )
     if isinstance(exc, ClientTimeout):
         return _Failed(504, f"{node.id} timed out: {exc}", "upstream_timeout", False, "timeout")
     if isinstance(exc, (ReadError, WriteError, RemoteProtocolError)):
-        return _Failed(502, f"{node.id} failed: {exc}", "bad_gateway", exc.temporary, "reset")
+        temporary = exc.temporary  # a reset or a close without an answer
+        return _Failed(
+            502,
+            f"{node.id} failed: {exc}",
+            "bad_gateway",
+            temporary,
+            "reset",
+            unreachable=temporary,
+        )
     return _Failed(502, f"cannot forward to {node.id}: {exc}", "bad_gateway", False, "error")
 
 

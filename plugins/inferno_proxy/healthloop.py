@@ -173,7 +173,7 @@ class ChangeReporter:
 
     def notify(self) -> None:
         """Call ``on_change`` for a change of the pool that is no :class:`NodeChange`
-        (a node's model list, read from its vitals)."""
+        (a node's model list read from its vitals, a failure streak that ended)."""
         if self.on_change is not None:
             self.on_change()
 
@@ -303,13 +303,15 @@ class HealthLoop:
         current = self.pool.get(node_id)
         if current is None or current.address != address:
             return  # it left, or moved: this result is about a node that no longer exists
-        models = current.models
+        models, failing = current.models, current.health.consecutive_failures
         changes = self._feed(node_id, checker.name, result)
         if changes:
             self.apply(changes)
-        elif current.models != models:
-            # No state moved, but the data path follows model lists (/v1/models,
-            # and which unknown models may wait rather than be 404).
+        elif current.models != models or (failing and not current.health.consecutive_failures):
+            # No state moved, but the data path cares: it follows model lists
+            # (/v1/models, which unknown models may wait rather than be 404), and
+            # requests that found this node unreachable wait for it to answer again
+            # (a node back before its failures took it out changes no state).
             self.reporter.notify()
 
     def _feed(self, node_id: str, checker: str, result: CheckResult) -> tuple[NodeChange, ...]:

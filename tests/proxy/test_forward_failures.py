@@ -137,17 +137,25 @@ async def test_no_retry_once_the_budget_is_spent() -> None:
         assert (await response.json())["error"]["code"] == "no_healthy_upstream"
         assert good.seen == []
         assert h.metric("inferno_proxy_retry_budget_exhausted_total") == 1
+        assert h.metric("inferno_proxy_queue_wait_seconds") == 0  # refused: no waiting either
 
 
-async def test_every_node_unreachable_is_503_with_retry_after() -> None:
+async def test_every_node_unreachable_without_waiting_is_503_with_retry_after() -> None:
+    """queue_timeout 0: no waiting for a node to come back (tests/proxy/test_forward_queue.py
+    has the waiting)."""
     async with proxied(
-        extra_nodes=[("first-a", refused_address(), ("m",)), ("first-b", refused_address(), ("m",))]
+        settings=ForwardSettings(queue_timeout=0.0),
+        extra_nodes=[
+            ("first-a", refused_address(), ("m",)),
+            ("first-b", refused_address(), ("m",)),
+        ],
     ) as h:
         response = await h.client.request(
             "POST", f"{h.url}/v1/completions", headers=JSON, body=BODY
         )
         assert response.status == 503
         assert response.headers.get("retry-after") == "1"
+        assert "cannot reach first-b" in (await response.json())["error"]["message"]
         assert h.metric("inferno_proxy_retries_total", reason="connect") == 1
 
 

@@ -7,16 +7,24 @@ real server starting on its port and real health checks finding it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 import pytest
+from inferno_health.checkers import HTTPChecker
+from inferno_proxy.budget import RetryBudget
 from inferno_proxy.forward import ForwardSettings
+from inferno_proxy.healthloop import ChangeReporter, HealthLoop
 from inferno_proxy.modelmemory import ModelMemory
 
-from tests.proxy.upstreams import IO_TIMEOUT, Backend, Harness, echo, proxied
+from inferno.http import serve
+from inferno.metrics import Registry
+from tests.proxy.upstreams import IO_TIMEOUT, Backend, Harness, echo, proxied, refused_address
 
 pytestmark = pytest.mark.anyio
 
@@ -134,3 +142,99 @@ def test_the_memory_forgets_after_its_window_and_beyond_its_limit() -> None:
     assert memory.departed() == 0
     with pytest.raises(ValueError, match="window"):
         ModelMemory(window=-1.0)
+
+
+# --- nodes that are down ---------------------------------------------------------------------
+
+
+def reserved_port() -> socket.socket:
+    """A loopback port bound with ``SO_REUSEPORT`` but not listening: connections are
+    refused until a server listens there too (``serve(..., reuse_port=True)``)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def health_checks(h: Harness) -> AsyncIterator[None]:
+    """Real ``http`` checks of the harness's pool, round after round, telling its app."""
+    checker = HTTPChecker()
+    reporter = ChangeReporter(h.pool, Registry(), on_change=h.app.pool_changed)
+    loop = HealthLoop(h.pool, checker=checker, interval=0.02, timeout=1.0, reporter=reporter)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(loop.run)
+            yield
+            tg.cancel_scope.cancel()
+    finally:
+        await checker.aclose()
+
+
+@pytest.mark.parametrize("source", ["static", "registered"])
+async def test_a_lone_node_down_at_first_takes_the_request_once_it_is_back(source: str) -> None:
+    """With one node, the panic valve keeps it a candidate while it is out: the request
+    tries it, finds it down and waits for it, not for a retry (the budget allows none)."""
+    node = Backend("node", echo, models=("m",))
+    placeholder = reserved_port()
+    port = placeholder.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    no_retries = RetryBudget(ratio=0.0, min_per_second=0.0)
+    settings = ForwardSettings(queue_timeout=IO_TIMEOUT)
+    answers: list[Answer] = []
+    with placeholder:
+        async with proxied(settings=settings, budget=no_retries) as h:
+            if source == "static":
+                h.pool.add_static(address, time.monotonic())
+                h.app.pool_changed()
+            else:
+                h.register("node", address, ("m",))
+            async with health_checks(h), anyio.create_task_group() as tg:
+                tg.start_soon(post_into, answers, h)
+                await until(lambda: h.app.queue.depth("m") == 1)  # tried, found down: waits
+                found = h.pool.get(address if source == "static" else "node")
+                assert found is not None
+                assert found.health.last_failure is not None
+                await tg.start(functools.partial(serve, node.handle, port=port, reuse_port=True))
+                placeholder.close()
+                await until(lambda: bool(answers))
+                tg.cancel_scope.cancel()
+    [(code, _, answer)] = answers
+    assert code == 200
+    assert answer["node"] == "node"
+    assert [seen.target for seen in node.seen if seen.target != "/health"] == ["/v1/completions"]
+
+
+async def test_a_lone_node_that_stays_down_is_503_with_retry_after_after_the_queue_timeout() -> (
+    None
+):
+    settings = ForwardSettings(queue_timeout=0.3)
+    async with proxied(settings=settings, extra_nodes=[("dead", refused_address(), ("m",))]) as h:
+        code, retry_after, answer = await post(h)
+        assert code == 503
+        assert retry_after == "5"
+        found = error(answer)
+        assert found["code"] == "no_healthy_upstream"
+        assert "cannot reach dead" in found["message"]
+        assert "no node came back within 0.3 s" in found["message"]
+        assert h.metric("inferno_proxy_queue_wait_seconds") == 1
+        dead = h.pool.get("dead")
+        assert dead is not None
+        assert dead.health.consecutive_failures == 1  # tried once: nothing woke the request
+        assert h.metric("inferno_proxy_retries_total", reason="connect") == 0
+
+
+async def test_retries_come_first_within_max_attempts_then_the_wait() -> None:
+    settings = ForwardSettings(queue_timeout=0.3, max_attempts=2)
+    dead = [(f"first-{i}", refused_address(), ("m",)) for i in range(3)]
+    async with proxied(settings=settings, extra_nodes=dead) as h:
+        code, retry_after, _ = await post(h)
+        assert (code, retry_after) == (503, "5")
+        failures = []
+        for name, _, _ in dead:
+            node = h.pool.get(name)
+            assert node is not None
+            failures.append(node.health.consecutive_failures)
+        assert failures == [1, 1, 0]  # max_attempts nodes, then waiting, not a third
+        assert h.metric("inferno_proxy_retries_total", reason="connect") == 1
+        assert h.metric("inferno_proxy_queue_wait_seconds") == 1

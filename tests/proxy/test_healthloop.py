@@ -225,6 +225,24 @@ async def test_a_model_list_changed_by_vitals_is_told_to_the_data_path() -> None
         assert told == [1]  # the same list again: nothing to tell
 
 
+async def test_a_pass_that_ends_a_failure_streak_is_told_to_the_data_path() -> None:
+    """Requests that found the node unreachable wait for it; a node back before its
+    failures took it out changes no state, so this is their wake-up call."""
+    node = StandIn()
+    the_pool = pool(failure_threshold=3)
+    told: list[int] = []
+    reporter = ChangeReporter(the_pool, Registry(), on_change=lambda: told.append(1))
+    async with running(node), health_loop(the_pool, reporter=reporter) as loop:
+        the_pool.register(node.registration(models=("tiny",)), 0.0)
+        await loop.check_all()
+        assert told == []  # a pass like any other
+        assert the_pool.check_failed("node-a", 1.0, "passive: reset") == ()  # still healthy
+        await loop.check_all()
+        assert told == [1]
+        await loop.check_all()
+        assert told == [1]
+
+
 async def test_a_registered_node_that_is_down_is_removed_a_static_one_stays() -> None:
     registered, static = StandIn(), StandIn()
     the_pool = pool(failure_threshold=3, removal_threshold=10)
