@@ -290,7 +290,8 @@ PROXY_SECTION: Final = Section(
             "first_byte_timeout",
             Duration(min=0.001),
             60.0,
-            "longest wait for a node's response head (prefill of a long prompt included)",
+            "longest wait for the start of a node's response: its head and first chunk,"
+            " one deadline (prefill of a long prompt included)",
         ),
         Setting(
             "idle_timeout",
@@ -314,7 +315,8 @@ PROXY_SECTION: Final = Section(
             "queue_timeout",
             Duration(),
             30.0,
-            "how long a request waits for a node when none is ready (then 503)",
+            "how long a request waits for a node when none is ready, or for one to come"
+            " back when every node it tried was unreachable (from its arrival; then 503)",
         ),
         Setting(
             "max_queue",
