@@ -10,17 +10,21 @@ display well.  Lower layers translate foreign exceptions (``OSError``,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "ConfigError",
     "ConfigProblem",
     "HTTPError",
     "InfernoError",
+    "ListenError",
     "PluginError",
     "ValidationError",
     "error_body",
+    "find_exception",
 ]
+
+E = TypeVar("E", bound=BaseException)
 
 
 def error_body(message: str, type_: str, code: str | int | None) -> dict[str, Any]:
@@ -130,3 +134,26 @@ class PluginError(InfernoError):
 
     For example two plugins offering the same engine name.
     """
+
+
+class ListenError(InfernoError):
+    """Raised when a server cannot bind its address (in use, not permitted, no such address).
+
+    Its message names the address and the setting that chose it, so the
+    command line prints it as one line (exit status 1) instead of a traceback.
+    """
+
+
+def find_exception(exc: BaseException, kind: type[E]) -> E | None:
+    """``exc`` itself, or the first exception of ``kind`` inside (nested) exception groups.
+
+    Task groups wrap what their tasks raise; a role uses this to turn the one
+    expected error inside such a group back into its one-line answer.
+    """
+    if isinstance(exc, kind):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        found = find_exception(inner, kind)
+        if found is not None:
+            return found
+    return None

@@ -39,6 +39,7 @@ from inferno.http.server import (
     WebSocketAccept,
     serve,
     server_ssl_context,
+    start_server,
 )
 
 # -- WebSocket (inferno.http.websocket) ---------------------------------------------
@@ -90,4 +91,5 @@ __all__ = [
     "parse_url",
     "serve",
     "server_ssl_context",
+    "start_server",
 ]

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import anyio
 import anyio.abc
@@ -37,7 +38,7 @@ from anyio.abc import SocketAttribute
 from anyio.streams.stapled import MultiListener
 from anyio.streams.tls import TLSStream
 
-from inferno.errors import HTTPError, InfernoError
+from inferno.errors import HTTPError, InfernoError, ListenError
 from inferno.http._messages import (
     Handler,
     Request,
@@ -68,6 +69,7 @@ __all__ = [
     "WebSocketAccept",
     "serve",
     "server_ssl_context",
+    "start_server",
 ]
 
 logger = logging.getLogger("inferno.http")
@@ -464,3 +466,21 @@ async def serve(
         with anyio.CancelScope(shield=True):
             await multi.aclose()
     logger.info("%s: stopped", name)
+
+
+async def start_server(
+    group: anyio.abc.TaskGroup, handler: Handler, *, setting: str, **options: Any
+) -> ServerInfo:
+    """Start :func:`serve` in ``group`` and return where it listens.
+
+    ``setting`` names the configuration key that chose the address (for
+    example ``"proxy.port"``): a port that cannot be bound becomes a
+    :class:`~inferno.errors.ListenError` naming the address and that key.
+    """
+    try:
+        info: ServerInfo = await group.start(functools.partial(serve, handler, **options))
+    except OSError as exc:
+        host, port = options.get("host", "127.0.0.1"), options.get("port", 0)
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise ListenError(f"cannot listen on {where} ({setting}): {exc.strerror or exc}") from None
+    return info

@@ -30,14 +30,21 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Final
 
 import anyio
 import anyio.abc
 
 from inferno.config import HostPort
-from inferno.errors import ConfigError, ConfigProblem, InfernoError, ValidationError
-from inferno.http import Handler, ServerInfo, ServerLimits, serve
+from inferno.errors import (
+    ConfigError,
+    ConfigProblem,
+    InfernoError,
+    ListenError,
+    ValidationError,
+    find_exception,
+)
+from inferno.http import ServerInfo, ServerLimits, start_server
 from inferno.http.client import HTTPClient
 from inferno.lifecycle import RoleContext
 from inferno.metrics import Registry
@@ -81,15 +88,6 @@ ENGINE_POOL_HEADROOM: Final = 8
 #: What a backend announces it can do.
 CAPABILITIES: Final = ("chat", "completions", "streaming", "websocket")
 _WILDCARDS: Final = frozenset({"", "0.0.0.0", "::", "[::]"})
-E = TypeVar("E", bound=BaseException)
-
-
-class ListenError(InfernoError):
-    """Raised when a port cannot be bound (in use, not permitted, no such address).
-
-    Its message names the address and the setting, and the command line prints
-    it as one line (exit status 1).
-    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +140,7 @@ async def run(ctx: RoleContext) -> None:
             ctx.state["backend"] = await tg.start(start)
     except Exception as exc:
         # A task group wraps even a failed start in an exception group: one line is enough.
-        raise _find(exc, InfernoError) or exc from None
+        raise find_exception(exc, InfernoError) or exc from None
 
 
 async def run_doctor(ctx: RoleContext) -> None:
@@ -299,7 +297,7 @@ async def serve_backend(
                 background.cancel_scope.cancel()
         except Exception as exc:
             # Task groups wrap a failed start in exception groups; say it in one line.
-            raise _find(exc, InfernoError) or exc from None
+            raise find_exception(exc, InfernoError) or exc from None
         finally:
             # Not in a cancel scope of its own: start() and aclose() are the two halves
             # of the engine's task group, and no scope may be opened between them.
@@ -320,10 +318,10 @@ async def _serve(
     service_stop, ops_stop = anyio.Event(), anyio.Event()
     limits = ServerLimits(max_body_bytes=settings.max_body_size)
     async with anyio.create_task_group() as servers:
-        service = await _listen(
+        service = await start_server(
             servers,
-            "port",
-            api.handle,
+            setting="backend.port",
+            handler=api.handle,
             host=settings.host,
             port=settings.port,
             limits=limits,
@@ -331,10 +329,10 @@ async def _serve(
             shutdown_timeout=WRITE_GRACE,
             name="backend",
         )
-        ops = await _listen(
+        ops = await start_server(
             servers,
-            "ops_port",
-            vitals.handle,
+            setting="backend.ops_port",
+            handler=vitals.handle,
             host=settings.host,
             port=settings.ops_port,
             shutdown=ops_stop,
@@ -384,31 +382,6 @@ async def _serve(
             )
         service_stop.set()
         ops_stop.set()
-
-
-async def _listen(
-    group: anyio.abc.TaskGroup, key: str, handler: Handler, **options: Any
-) -> ServerInfo:
-    """Start :func:`serve` in ``group``; a port that cannot be bound is a :class:`ListenError`."""
-    try:
-        info: ServerInfo = await group.start(functools.partial(serve, handler, **options))
-    except OSError as exc:
-        where = format_address(options["host"], options["port"])
-        raise ListenError(
-            f"cannot listen on {where} (backend.{key}): {exc.strerror or exc}"
-        ) from None
-    return info
-
-
-def _find(exc: BaseException, kind: type[E]) -> E | None:
-    """``exc`` or the first exception of ``kind`` inside (nested) exception groups, if any."""
-    if isinstance(exc, kind):
-        return exc
-    for inner in getattr(exc, "exceptions", ()):
-        found = _find(inner, kind)
-        if found is not None:
-            return found
-    return None
 
 
 def _registration(

@@ -38,14 +38,20 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Final
 
 import anyio
 import anyio.abc
 from inferno_health.checkers import HealthChecker
 
-from inferno.errors import ConfigError, ConfigProblem, InfernoError
-from inferno.http import Handler, ServerInfo, ServerLimits, serve, server_ssl_context
+from inferno.errors import (
+    ConfigError,
+    ConfigProblem,
+    InfernoError,
+    ListenError,
+    find_exception,
+)
+from inferno.http import ServerInfo, ServerLimits, server_ssl_context, start_server
 from inferno.http.client import HTTPClient
 from inferno.http.server import TLSConfigError
 from inferno.lifecycle import RoleContext
@@ -88,12 +94,7 @@ UPSTREAM_CONNECTIONS_PER_NODE: Final = 1024
 #: Seconds an unused upstream connection stays open: below the backend server's
 #: keep-alive timeout (60 s), so the proxy, not the node, closes it.
 UPSTREAM_IDLE_TIMEOUT: Final = 30.0
-E = TypeVar("E", bound=BaseException)
 _LOCAL_NAMES: Final = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
-
-
-class ListenError(InfernoError):
-    """Raised when a port cannot be bound (in use, not permitted, no such address)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +177,7 @@ async def run(ctx: RoleContext) -> None:
                 ctx.on_reload(functools.partial(_reload_api_keys, settings.api_keys, info.app))
     except Exception as exc:
         # A task group wraps even a failed start in an exception group: one line is enough.
-        raise _find(exc, InfernoError) or exc from None
+        raise find_exception(exc, InfernoError) or exc from None
 
 
 def _uses_uvloop(ctx: RoleContext) -> bool:
@@ -375,10 +376,10 @@ async def serve_proxy(
             )
 
             async def start_service(group: anyio.abc.TaskGroup, stop: anyio.Event) -> ServerInfo:
-                return await _listen(
+                return await start_server(
                     group,
-                    "port",
-                    app.handle,
+                    setting="proxy.port",
+                    handler=app.handle,
                     host=settings.host,
                     port=settings.port,
                     limits=settings.server_limits(),
@@ -403,7 +404,7 @@ async def serve_proxy(
                 )
             except Exception as exc:
                 # Task groups wrap a failed start in exception groups; say it in one line.
-                raise _find(exc, ListenError) or exc from None
+                raise find_exception(exc, ListenError) or exc from None
     finally:
         await close_parts(parts)
     logger.info("proxy stopped")
@@ -455,31 +456,6 @@ async def close_parts(parts: ProxyParts) -> None:
             await parts.static_checker.aclose()
 
 
-async def _listen(
-    group: anyio.abc.TaskGroup, key: str, handler: Handler, **options: Any
-) -> ServerInfo:
-    """Start :func:`serve` in ``group``; a port that cannot be bound is a :class:`ListenError`."""
-    try:
-        info: ServerInfo = await group.start(functools.partial(serve, handler, **options))
-    except OSError as exc:
-        where = format_address(options["host"], options["port"])
-        raise ListenError(
-            f"cannot listen on {where} (proxy.{key}): {exc.strerror or exc}"
-        ) from None
-    return info
-
-
-def _find(exc: BaseException, kind: type[E]) -> E | None:
-    """``exc`` or the one exception of ``kind`` inside (nested) exception groups, if any."""
-    if isinstance(exc, kind):
-        return exc
-    for inner in getattr(exc, "exceptions", ()):
-        found = _find(inner, kind)
-        if found is not None:
-            return found
-    return None
-
-
 #: Starts the service port in a task group; it stops accepting and drains when
 #: the event is set, and its task ends once drained.
 StartService = Callable[[anyio.abc.TaskGroup, anyio.Event], Awaitable[ServerInfo]]
@@ -507,10 +483,10 @@ async def serve_ports(
             await health.run(task_status=task_status)
 
     async with anyio.create_task_group() as outer:
-        ops_info = await _listen(
+        ops_info = await start_server(
             outer,
-            "ops_port",
-            ops.handle,
+            setting="proxy.ops_port",
+            handler=ops.handle,
             host=settings.ops_host,
             port=settings.ops_port,
             limits=OPS_LIMITS,
