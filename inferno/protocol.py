@@ -319,6 +319,25 @@ _REQUIRED, _OPTIONAL = True, False
 # --- the documents --------------------------------------------------------------------------
 
 
+def _node_fields(*, known_types_only: bool) -> tuple[tuple[str, Check, bool], ...]:
+    """The field table of :class:`Registration` and :class:`NodeInfo`.
+
+    The two documents carry the same fields; they differ only in whether an
+    unknown ``node_type`` is refused (a registration) or kept (a peer list
+    written by a newer proxy).
+    """
+    return _fields(
+        ("id", _ID, _REQUIRED),
+        ("address", _address, _REQUIRED),
+        ("metrics_port", _PORT, _REQUIRED),
+        ("node_type", _node_type(known_only=known_types_only), _REQUIRED),
+        ("models", _names(MAX_MODELS), _OPTIONAL),
+        ("capabilities", _names(MAX_CAPABILITIES), _OPTIONAL),
+        ("weight", _number(0.0, above_minimum=True), _OPTIONAL),
+        ("max_concurrency", _integer(1, nullable=True), _OPTIONAL),
+    )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Registration(_WireType):
     """What a node POSTs to a proxy's ``/register`` (re-registering an id updates it).
@@ -350,16 +369,7 @@ class Registration(_WireType):
     weight: float = 1.0
     max_concurrency: int | None = None
 
-    _FIELDS: ClassVar = _fields(
-        ("id", _ID, _REQUIRED),
-        ("address", _address, _REQUIRED),
-        ("metrics_port", _PORT, _REQUIRED),
-        ("node_type", _node_type(known_only=True), _REQUIRED),
-        ("models", _names(MAX_MODELS), _OPTIONAL),
-        ("capabilities", _names(MAX_CAPABILITIES), _OPTIONAL),
-        ("weight", _number(0.0, above_minimum=True), _OPTIONAL),
-        ("max_concurrency", _integer(1, nullable=True), _OPTIONAL),
-    )
+    _FIELDS: ClassVar = _node_fields(known_types_only=True)
 
     @property
     def host(self) -> str:
@@ -391,16 +401,7 @@ class NodeInfo(_WireType):
     weight: float = 1.0
     max_concurrency: int | None = None
 
-    _FIELDS: ClassVar = _fields(
-        ("id", _ID, _REQUIRED),
-        ("address", _address, _REQUIRED),
-        ("metrics_port", _PORT, _REQUIRED),
-        ("node_type", _node_type(known_only=False), _REQUIRED),
-        ("models", _names(MAX_MODELS), _OPTIONAL),
-        ("capabilities", _names(MAX_CAPABILITIES), _OPTIONAL),
-        ("weight", _number(0.0, above_minimum=True), _OPTIONAL),
-        ("max_concurrency", _integer(1, nullable=True), _OPTIONAL),
-    )
+    _FIELDS: ClassVar = _node_fields(known_types_only=False)
 
     @classmethod
     def from_registration(cls, registration: Registration) -> NodeInfo:
