@@ -15,7 +15,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -655,12 +655,8 @@ async def sigterm_under_load(
 
 
 @pytest.fixture
-def backend_plugin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in list(os.environ):
-        if name.startswith("INFERNO_"):
-            monkeypatch.delenv(name)
+def backend_plugin(clean_inferno_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INFERNO_PLUGINS", "inferno_backend.plugin")
-    monkeypatch.setenv("INFERNO_LOG_FORMAT", "json")
     get_plugin_manager(refresh=True)
     yield
     get_plugin_manager(refresh=True)

@@ -17,7 +17,7 @@ import signal
 import socket
 import ssl
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -302,18 +302,7 @@ def test_what_counts_as_loopback(host: str, loopback: bool) -> None:
 # --- the command line ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in list(os.environ):
-        if name.startswith("INFERNO_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("INFERNO_LOG_FORMAT", "json")
-    get_plugin_manager(refresh=True)
-    yield
-    get_plugin_manager(refresh=True)
-
-
-@pytest.mark.usefixtures("clean_env")
+@pytest.mark.usefixtures("clean_inferno_env")
 @pytest.mark.parametrize(
     ("args", "key"),
     [
@@ -336,7 +325,7 @@ def test_bad_settings_exit_2_naming_the_key(
     assert "Traceback" not in err
 
 
-@pytest.mark.usefixtures("clean_env")
+@pytest.mark.usefixtures("clean_inferno_env")
 def test_the_open_enrolment_refusal_explains_itself(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["proxy", "--port=0", "--ops-port=0", "--ops-host=0.0.0.0"]) == 2
     err = capsys.readouterr().err
@@ -344,7 +333,7 @@ def test_the_open_enrolment_refusal_explains_itself(capsys: pytest.CaptureFixtur
     assert "--open-enrollment" in err
 
 
-@pytest.mark.usefixtures("clean_env")
+@pytest.mark.usefixtures("clean_inferno_env")
 @pytest.mark.parametrize("flag", ["--port", "--ops-port"])
 def test_a_port_in_use_is_one_clear_line(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket() as taken:
@@ -358,7 +347,7 @@ def test_a_port_in_use_is_one_clear_line(flag: str, capsys: pytest.CaptureFixtur
     assert "Traceback" not in err
 
 
-@pytest.mark.usefixtures("clean_env")
+@pytest.mark.usefixtures("clean_inferno_env")
 def test_config_shows_settings_and_hides_the_secret(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "proxy", "--shared-secret", "hush-hush", "--policy", "affinity"]) == 0
     out = capsys.readouterr().out

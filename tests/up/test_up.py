@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
@@ -32,7 +32,6 @@ from openai import AsyncOpenAI
 
 from inferno.cli import main
 from inferno.http import HTTPClient
-from inferno.plugins import get_plugin_manager
 
 pytestmark = pytest.mark.anyio
 
@@ -379,17 +378,7 @@ async def test_ctrl_c_while_starting_stops_what_was_started_and_exits_0() -> Non
 # -- settings ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in list(os.environ):
-        if name.startswith("INFERNO_"):
-            monkeypatch.delenv(name)
-    get_plugin_manager(refresh=True)
-    yield
-    get_plugin_manager(refresh=True)
-
-
-@pytest.mark.usefixtures("plugins")
+@pytest.mark.usefixtures("clean_inferno_env")
 @pytest.mark.parametrize(
     ("args", "key"),
     [
