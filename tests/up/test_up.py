@@ -218,14 +218,26 @@ async def until_gone(pids: list[int]) -> None:
             await anyio.sleep(0.05)
 
 
-def assert_free(ports: list[int]) -> None:
-    """Each port binds again: nothing listens on it any more."""
-    for port in ports:
-        with socket.socket() as probe:
-            # TIME_WAIT of closed connections may remain; a listener may not.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(("127.0.0.1", port))
-            probe.listen()
+async def assert_free(ports: list[int]) -> None:
+    """Each port binds again: nothing listens on it any more.
+
+    The ports were picked by the kernel from the ephemeral range, so for a
+    moment one may be the local port of some other process's outgoing
+    connection; the probe retries for that reason, and the test fails with a
+    timeout after :data:`WAIT` seconds if a port never frees.
+    """
+    with anyio.fail_after(WAIT):
+        for port in ports:
+            while True:
+                try:
+                    with socket.socket() as probe:
+                        # TIME_WAIT of closed connections may remain; a listener may not.
+                        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                        probe.bind(("127.0.0.1", port))
+                        probe.listen()
+                    break
+                except OSError:
+                    await anyio.sleep(0.1)
 
 
 def the_python_example(banner: str) -> str:
@@ -285,7 +297,7 @@ async def test_up_serves_the_openai_api_and_sigint_stops_everything() -> None:
     assert "deregistered from" in up.log()
     pids = [node.pid for node in nodes.values()]
     assert not [pid for pid in pids if alive(pid)]  # reaped by up before it exited
-    assert_free([port for node in nodes.values() for port in node.ports])
+    await assert_free([port for node in nodes.values() for port in node.ports])
     # Every child's log reached up's stderr, tagged with its name.
     assert {"proxy", "backend-1", "backend-2"} <= {r.get("child") for r in up.records}
 
@@ -297,7 +309,7 @@ async def test_a_sigkilled_up_leaves_no_child_and_no_port_behind() -> None:
         up.process.kill()
         await up.until_exit()
         await until_gone([node.pid for node in nodes.values()])
-    assert_free([port for node in nodes.values() for port in node.ports])
+    await assert_free([port for node in nodes.values() for port in node.ports])
 
 
 async def test_a_child_that_dies_is_logged_and_up_keeps_running_until_sigterm() -> None:
