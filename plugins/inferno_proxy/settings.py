@@ -116,7 +116,7 @@ PROXY_SECTION: Final = Section(
         Setting(
             "workers",
             WorkerCount(),
-            1,
+            0,
             "processes serving the service port, sharing it (SO_REUSEPORT); auto: one per core",
         ),
         Setting(
@@ -356,8 +356,9 @@ PROXY_SECTION: Final = Section(
 class ProxySettings:
     """The ``[proxy]`` section as typed values (see :data:`PROXY_SECTION` for meanings).
 
-    Defaults match the section's, except the ports: 0 (any free port) suits
-    code that builds settings by hand, such as tests.
+    Defaults match the section's, except the ports, 0 (any free port), and
+    ``workers``, 1 (this process serves): that suits code that builds
+    settings by hand, such as tests.
     """
 
     host: str = "127.0.0.1"

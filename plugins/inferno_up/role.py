@@ -219,6 +219,7 @@ async def _start(
         f"--port={settings.port}",
         f"--ops-host={host}",
         f"--ops-port={settings.ops_port}",
+        f"--workers={settings.proxy_workers or 'auto'}",
         *common,
     ]
     proxy = await children.start("proxy", proxy_args, stop_last=True)

@@ -37,6 +37,8 @@ __all__ = [
 DEFAULT_BACKENDS: Final = 2  # two nodes: the smallest pool where routing and failover show
 #: Each backend is a process of ~60 MB; beyond this a laptop is the wrong place.
 MAX_BACKENDS: Final = 64
+#: As ``inferno proxy --workers`` allows.
+MAX_PROXY_WORKERS: Final = 1024
 DEFAULT_PORT: Final = 8080  # the proxy's service port, as `inferno proxy` uses
 DEFAULT_OPS_PORT: Final = 6100  # the proxy's operations port, as `inferno proxy` uses
 #: Seconds from start until every backend has registered: a cold pex start
@@ -102,6 +104,13 @@ UP_SECTION: Final = Section(
             "first backend's operations port, the next ones follow (0: any free ports)",
         ),
         Setting(
+            "proxy_workers",
+            Int(min=0, max=MAX_PROXY_WORKERS),
+            1,
+            "the proxy's processes (0: one per core); one serves far more than local sim"
+            " backends can answer, and leaves the cores to them",
+        ),
+        Setting(
             "announce_interval",
             Duration(min=0.1),
             30.0,
@@ -135,6 +144,7 @@ class UpSettings:
     ops_port: int = 0
     backend_port: int = 0
     backend_ops_port: int = 0
+    proxy_workers: int = 1
     announce_interval: float = 30.0
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
 
