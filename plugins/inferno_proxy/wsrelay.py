@@ -5,7 +5,14 @@ node that refuses or cannot be reached is tried like any request (another
 node, within ``max_attempts`` and the retry budget) and a final refusal
 reaches the client as an HTTP answer rather than a WebSocket that opens and
 closes at once.  The client's subprotocol offer goes to the node and the
-node's choice comes back in our ``101``.
+node's choice comes back in our ``101``.  When every node tried was
+unreachable (connect refused, reset or closed before an answer) and no
+attempt is left, the upgrade waits for a node to come back, as a request does
+("Unreachable nodes" in :mod:`~inferno_proxy.selection`), for what is left of
+``queue_timeout`` since it arrived.  A node that answered the handshake with
+an HTTP status is not waited for: its refusal is passed on.  Nor is one that
+timed out: the handshake shares its deadline with connecting, so a timeout
+may come from a node that accepted the connection and never answered.
 
 Once both are open, two pumps copy messages (text stays text, binary stays
 binary) until one side closes; its close code and reason are passed to the
@@ -124,8 +131,9 @@ async def _never(websocket: WebSocket) -> None:
 async def open_relay(app: ServiceApp, exchange: Exchange) -> Response:
     """Open a node's WebSocket for a client's upgrade and accept the client's.
 
-    :raises HTTPError: 404 for an unknown ``?model=``; 429/503 from the queue;
-        502/503 when no node accepted.
+    :raises HTTPError: 404 for an unknown ``?model=``; 429/503 from the queue
+        (waiting for a first node, or for one to come back after every node
+        tried was unreachable); 502/503 when no node accepted.
     """
     if not _valid_handshake(exchange):
         return WebSocketAccept(_never)  # the server answers 426 or 400
@@ -148,6 +156,7 @@ async def open_relay(app: ServiceApp, exchange: Exchange) -> Response:
     ]
     settings = app.settings
     tried: list[str] = []
+    unreachable = True  # every attempt so far failed in transport
     while True:
         tried.append(node.id)
         lease = app.pool.start(node, app.clock())
@@ -161,6 +170,7 @@ async def open_relay(app: ServiceApp, exchange: Exchange) -> Response:
             )
         except WebSocketHandshakeError as exc:  # the node answered with an HTTP status
             app.finish_status(lease, exc.status)
+            unreachable = False
             retryable = exc.status in RETRY_STATUSES
             reason = f"status_{exc.status}"
             refused = [(n, v) for n, v in exc.headers.raw if n not in _DROPPED_REFUSAL_HEADERS]
@@ -170,6 +180,7 @@ async def open_relay(app: ServiceApp, exchange: Exchange) -> Response:
         except WebSocketError as exc:
             app.finish(lease, Outcome.TRANSPORT_FAILURE, str(exc))
             retryable = exc.temporary
+            unreachable = unreachable and retryable and not _timed_out(exc)
             reason = "connect"
             answer = HTTPError(
                 503 if retryable else 502,
@@ -184,13 +195,34 @@ async def open_relay(app: ServiceApp, exchange: Exchange) -> Response:
             app.finish(lease, Outcome.SUCCESS)
             return _accept(app, exchange, upstream)
         app.metrics.upstream_failures.labels(reason).inc()
-        following = app.next_node(model, key, tried) if retryable else None
+        untried = app.untried(model, key, tried) if retryable else None
+        following = untried if untried is not None and app.pay_retry() else None
         if following is None:
-            if isinstance(answer, HTTPError):
+            if not isinstance(answer, HTTPError):
+                return answer  # the last node's own refusal
+            if not unreachable or untried is not None:  # (the budget refused it)
                 raise answer
-            return answer  # the last node's own refusal
+            node = await app.await_return(exchange, model, key, answer)
+            logger.debug(
+                "sending upgrade %s to %s, back after %s",
+                exchange.request_id.decode("latin-1"),
+                node.id,
+                reason,
+            )
+            continue
         app.metrics.retries.labels(reason).inc()
         node = following
+
+
+def _timed_out(exc: WebSocketError) -> bool:
+    """Whether :func:`~inferno.http.connect_websocket` gave up at its deadline (it
+    raises that error while handling the :class:`TimeoutError`).
+
+    That deadline covers connecting *and* the handshake, so a timeout does not
+    tell a node that is away from one that accepted and never answered: it is not
+    counted as unreachable (a stalled node is not worth waiting for).
+    """
+    return isinstance(exc.__context__, TimeoutError)
 
 
 def _accept(app: ServiceApp, exchange: Exchange, upstream: WebSocket) -> Response:

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import socket
+
 import anyio
 import pytest
+from inferno_proxy.budget import RetryBudget
+from inferno_proxy.forward import ForwardSettings
 from inferno_proxy.wsrelay import close_code
 
-from inferno.http import WebSocketClosed, WebSocketHandshakeError, connect_websocket
+from inferno.http import (
+    Request,
+    Response,
+    WebSocket,
+    WebSocketClosed,
+    WebSocketHandshakeError,
+    connect_websocket,
+    serve,
+)
+from tests.proxy.test_forward_queue import health_checks, reserved_port, until
 from tests.proxy.upstreams import (
     IO_TIMEOUT,
     Backend,
+    Harness,
     echo,
     proxied,
     refused_address,
@@ -101,6 +117,162 @@ async def test_an_unknown_model_is_404_before_any_node_is_asked() -> None:
             await connect_websocket(ws_url(h.url, "/v1/ws?model=other"))
         assert caught.value.status == 404
         assert node.seen == []
+
+
+# --- nodes that are unreachable ---------------------------------------------------------------
+
+
+async def ws_or_echo(backend: Backend, request: Request, body: bytes) -> Response:
+    """The WebSocket echo for upgrades, the JSON echo (200) for the rest: health checks."""
+    if request.is_websocket_upgrade():
+        return await ws_echo(backend, request, body)
+    return await echo(backend, request, body)
+
+
+async def open_into(opened: list[WebSocket | WebSocketHandshakeError], h: Harness) -> None:
+    try:
+        opened.append(await connect_websocket(ws_url(h.url), timeout=IO_TIMEOUT))
+    except WebSocketHandshakeError as exc:
+        opened.append(exc)
+
+
+async def refusal(h: Harness) -> WebSocketHandshakeError:
+    """The proxy's HTTP answer to an upgrade it could not relay."""
+    with anyio.fail_after(IO_TIMEOUT), pytest.raises(WebSocketHandshakeError) as caught:
+        await connect_websocket(ws_url(h.url), timeout=IO_TIMEOUT)
+    return caught.value
+
+
+def error(refused: WebSocketHandshakeError) -> dict[str, str]:
+    found = json.loads(refused.body)["error"]
+    assert isinstance(found, dict)
+    return found
+
+
+async def test_an_upgrade_whose_lone_node_is_down_is_relayed_once_it_is_back() -> None:
+    """Tried, found down, the upgrade waits for the node (not for a retry: the budget
+    allows none) and is relayed once real health checks find it back."""
+    node = Backend("node", ws_or_echo)
+    placeholder = reserved_port()
+    port = placeholder.getsockname()[1]
+    no_retries = RetryBudget(ratio=0.0, min_per_second=0.0)
+    settings = ForwardSettings(queue_timeout=IO_TIMEOUT)
+    opened: list[WebSocket | WebSocketHandshakeError] = []
+    with placeholder:
+        async with proxied(settings=settings, budget=no_retries) as h:
+            h.register("node", f"127.0.0.1:{port}")
+            async with health_checks(h), anyio.create_task_group() as tg:
+                tg.start_soon(open_into, opened, h)
+                await until(lambda: h.app.queue.depth(None) == 1)  # tried, found down: waits
+                found = h.pool.get("node")
+                assert found is not None
+                assert found.health.last_failure is not None
+                await tg.start(functools.partial(serve, node.handle, port=port, reuse_port=True))
+                placeholder.close()
+                await until(lambda: bool(opened))
+                [ws] = opened
+                assert isinstance(ws, WebSocket), ws
+                with anyio.fail_after(IO_TIMEOUT):
+                    await ws.send("back again")
+                    assert await ws.receive() == "back again"
+                    await ws.close()
+                    await node.ws_closed.wait()
+                tg.cancel_scope.cancel()
+            assert h.metric("inferno_proxy_queue_wait_seconds") == 1
+            assert h.metric("inferno_proxy_retries_total", reason="connect") == 0
+    upgrades = [seen for seen in node.seen if seen.target != "/health"]
+    assert [seen.target for seen in upgrades] == ["/v1/ws"]
+
+
+async def test_an_upgrade_whose_node_stays_down_is_503_after_the_queue_timeout() -> None:
+    settings = ForwardSettings(queue_timeout=0.3)
+    async with proxied(settings=settings, extra_nodes=[("dead", refused_address(), ())]) as h:
+        refused = await refusal(h)
+        assert refused.status == 503
+        assert refused.headers.get("retry-after") == "5"
+        found = error(refused)
+        assert found["code"] == "no_healthy_upstream"
+        assert "cannot open a WebSocket to dead" in found["message"]
+        assert "no node came back within 0.3 s" in found["message"]
+        assert h.metric("inferno_proxy_queue_wait_seconds") == 1
+        dead = h.pool.get("dead")
+        assert dead is not None
+        assert dead.health.consecutive_failures == 1  # tried once: nothing woke the upgrade
+
+
+async def test_retries_come_first_within_max_attempts_then_the_wait() -> None:
+    settings = ForwardSettings(queue_timeout=0.3, max_attempts=2)
+    dead = [(f"first-{i}", refused_address(), ()) for i in range(3)]
+    async with proxied(settings=settings, extra_nodes=dead) as h:
+        refused = await refusal(h)
+        assert (refused.status, refused.headers.get("retry-after")) == (503, "5")
+        failures = []
+        for name, _, _ in dead:
+            node = h.pool.get(name)
+            assert node is not None
+            failures.append(node.health.consecutive_failures)
+        assert failures == [1, 1, 0]  # max_attempts nodes, then waiting, not a third
+        assert h.metric("inferno_proxy_retries_total", reason="connect") == 1
+        assert h.metric("inferno_proxy_queue_wait_seconds") == 1
+
+
+async def test_a_retry_the_budget_refuses_ends_the_upgrade_at_once() -> None:
+    """Another node was left to try: the budget said no, so nothing waits."""
+    no_retries = RetryBudget(ratio=0.0, min_per_second=0.0)
+    settings = ForwardSettings(queue_timeout=IO_TIMEOUT)
+    dead = [(f"first-{i}", refused_address(), ()) for i in range(2)]
+    async with proxied(settings=settings, budget=no_retries, extra_nodes=dead) as h:
+        refused = await refusal(h)
+        assert (refused.status, refused.headers.get("retry-after")) == (503, "1")
+        assert "came back" not in error(refused)["message"]
+        assert h.metric("inferno_proxy_retry_budget_exhausted_total") == 1
+        assert h.metric("inferno_proxy_queue_wait_seconds") == 0
+
+
+async def test_a_refusal_from_a_node_is_passed_on_without_waiting() -> None:
+    settings = ForwardSettings(queue_timeout=IO_TIMEOUT)
+    busy = Backend("busy", status(503, retry_after="3"))
+    async with proxied(busy, settings=settings) as h:
+        refused = await refusal(h)
+        assert (refused.status, refused.headers.get("retry-after")) == (503, "3")
+        assert h.metric("inferno_proxy_queue_wait_seconds") == 0
+    # Down, then a refusal: the node that answered has the last word.
+    busy = Backend("busy", status(503, retry_after="3"))
+    dead = [("first-dead", refused_address(), ())]
+    async with proxied(busy, settings=settings, extra_nodes=dead) as h:
+        refused = await refusal(h)
+        assert (refused.status, refused.headers.get("retry-after")) == (503, "3")
+        assert h.metric("inferno_proxy_queue_wait_seconds") == 0
+    # A refusal, then down: not every node was unreachable, so nothing waits either.
+    busy = Backend("busy", status(503, retry_after="3"))
+    dead = [("dead", refused_address(), ())]
+    async with proxied(busy, settings=settings, extra_nodes=dead) as h:
+        refused = await refusal(h)
+        assert (refused.status, refused.headers.get("retry-after")) == (503, "1")
+        found = error(refused)
+        assert "cannot open a WebSocket to dead" in found["message"]
+        assert "came back" not in found["message"]
+        assert len(busy.seen) == 1
+        assert h.metric("inferno_proxy_queue_wait_seconds") == 0
+
+
+async def test_a_node_that_never_answers_the_handshake_is_not_waited_for() -> None:
+    """It accepted the connection (the kernel does, for a listening socket) and was
+    silent: a timeout, which is not a node being away."""
+    settings = ForwardSettings(
+        queue_timeout=IO_TIMEOUT, connect_timeout=0.05, first_byte_timeout=0.05
+    )
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)  # never accepted: connections complete, nothing answers
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        async with proxied(settings=settings, extra_nodes=[("silent", address, ())]) as h:
+            refused = await refusal(h)
+            assert refused.status == 503
+            found = error(refused)
+            assert "timed out" in found["message"]
+            assert "came back" not in found["message"]
+            assert h.metric("inferno_proxy_queue_wait_seconds") == 0
 
 
 def test_close_codes_that_cannot_be_sent_are_mapped() -> None:
