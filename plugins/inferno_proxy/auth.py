@@ -40,7 +40,7 @@ import secrets
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from inferno.errors import HTTPError
 from inferno_proxy.budget import RateLimiter, retry_after_header
@@ -50,6 +50,7 @@ __all__ = [
     "ApiKeyFileError",
     "ApiKeys",
     "RateLimits",
+    "Spending",
     "hash_key",
     "hashed_lines",
     "main",
@@ -216,6 +217,19 @@ class ApiKeys:
         return name
 
 
+class Spending(NamedTuple):
+    """Tokens allowed per key name and per client address (one process's, or a sum)."""
+
+    per_key: dict[str, float]
+    per_ip: dict[str, float]
+
+    def add(self, other: Spending) -> None:
+        """Add *other*'s tokens to these (in place)."""
+        for mine, theirs in ((self.per_key, other.per_key), (self.per_ip, other.per_ip)):
+            for key, tokens in theirs.items():
+                mine[key] = mine.get(key, 0.0) + tokens
+
+
 @dataclass(frozen=True, slots=True)
 class RateLimits:
     """Per-client request rates on the service port; ``None`` for no limit.
@@ -228,17 +242,39 @@ class RateLimits:
     per_ip: RateLimiter | None = None
 
     @classmethod
-    def build(cls, *, per_key: float = 0.0, per_ip: float = 0.0, burst: float = 20.0) -> RateLimits:
+    def build(
+        cls,
+        *,
+        per_key: float = 0.0,
+        per_ip: float = 0.0,
+        burst: float = 20.0,
+        shared: bool = False,
+    ) -> RateLimits:
         """Limits from requests per second (0: unlimited) and a shared burst size.
 
+        :param shared: the limits are kept across processes (see
+            :class:`~inferno_proxy.budget.RateLimiter`, "Shared").
         :raises ValueError: on a negative rate or a burst below 1.
         """
         if per_key < 0 or per_ip < 0:
             raise ValueError("rate limits must be >= 0 requests per second")
         return cls(
-            per_key=RateLimiter(rate=per_key, burst=burst) if per_key > 0 else None,
-            per_ip=RateLimiter(rate=per_ip, burst=burst) if per_ip > 0 else None,
+            per_key=RateLimiter(rate=per_key, burst=burst, shared=shared) if per_key > 0 else None,
+            per_ip=RateLimiter(rate=per_ip, burst=burst, shared=shared) if per_ip > 0 else None,
         )
+
+    def take_spent(self) -> Spending | None:
+        """What the shared limiters allowed since the previous call, or ``None`` for nothing."""
+        per_key = {} if self.per_key is None else self.per_key.take_spent()
+        per_ip = {} if self.per_ip is None else self.per_ip.take_spent()
+        return Spending(per_key, per_ip) if per_key or per_ip else None
+
+    def charge(self, spending: Spending, now: float) -> None:
+        """Charge what other processes allowed to these limits."""
+        if self.per_key is not None and spending.per_key:
+            self.per_key.charge(spending.per_key, now)
+        if self.per_ip is not None and spending.per_ip:
+            self.per_ip.charge(spending.per_ip, now)
 
     def check_ip(self, address: str, now: float) -> None:
         """Take a token for a client address.

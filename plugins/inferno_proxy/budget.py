@@ -9,7 +9,11 @@
 * :class:`RateLimiter` -- a token bucket per client key (API key or client
   IP): ``rate`` requests per second sustained, ``burst`` at once, with a
   bounded number of keys remembered (least recently seen forgotten first),
-  so a flood of distinct keys cannot exhaust memory.
+  so a flood of distinct keys cannot exhaust memory.  Built with
+  ``shared=True`` it also keeps what it spent, so that processes serving one
+  port (``--workers``) can charge each other's spending
+  (:meth:`RateLimiter.take_spent`, :meth:`RateLimiter.charge`) and hold a
+  client to one rate across them.
 
 Both are pure: time comes in as ``now`` (monotonic seconds).
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -144,15 +149,34 @@ class RateLimiter:
     and at worst grants it a fresh burst, so set ``max_keys`` above the
     number of clients active within ``burst / rate`` seconds.
 
+    **Shared.**  Several processes, each with its own limiter, hold a client
+    to one rate when each charges the others' spending to its own buckets:
+    :meth:`take_spent` hands over what this one allowed since it was last
+    asked, and :meth:`charge` takes what the others allowed.  A bucket may
+    then go below zero, a debt the client repays at ``rate`` before it is
+    allowed again, so the sustained rate holds across the processes.  Until a
+    charge arrives each process judges alone: a client spread over N of them
+    may exceed its burst up to N times once, not its rate.  Debt is capped at
+    one ``burst``, so that such an overshoot is not punished for longer than
+    ``2 * burst / rate``.
+
     :param rate: tokens per second (> 0).
     :param burst: bucket size (>= 1): requests allowed at once.
     :param max_keys: keys remembered.
+    :param shared: keep what is spent for :meth:`take_spent` (off: no cost).
     :raises ValueError: on a value out of range.
     """
 
-    __slots__ = ("_buckets", "burst", "max_keys", "rate")
+    __slots__ = ("_buckets", "_spent", "burst", "max_keys", "rate")
 
-    def __init__(self, *, rate: float, burst: float, max_keys: int = DEFAULT_MAX_KEYS) -> None:
+    def __init__(
+        self,
+        *,
+        rate: float,
+        burst: float,
+        max_keys: int = DEFAULT_MAX_KEYS,
+        shared: bool = False,
+    ) -> None:
         if not rate > 0.0 or math.isinf(rate):
             raise ValueError(f"rate must be a positive number of tokens per second, got {rate!r}")
         if not burst >= 1.0 or math.isinf(burst):
@@ -164,6 +188,8 @@ class RateLimiter:
         self.max_keys = max_keys
         # key -> [tokens, when they were counted]; a list, updated in place, per key.
         self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+        # key -> tokens allowed since take_spent(); None when not shared.
+        self._spent: dict[str, float] | None = {} if shared else None
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -191,8 +217,39 @@ class RateLimiter:
             bucket[1] = now
         if bucket[0] >= cost:
             bucket[0] -= cost
+            spent = self._spent
+            if spent is not None:
+                spent[key] = spent.get(key, 0.0) + cost
             return RateDecision(True, 0.0, bucket[0])
         return RateDecision(False, (cost - bucket[0]) / self.rate, bucket[0])
+
+    def take_spent(self) -> dict[str, float]:
+        """``key -> tokens`` this limiter allowed since the previous call (shared only)."""
+        spent = self._spent
+        if not spent:
+            return {}
+        self._spent = {}
+        return spent
+
+    def charge(self, spent: Mapping[str, float], now: float) -> None:
+        """Take tokens other processes allowed from these buckets (a debt, at most one burst).
+
+        A key not seen here gets a bucket as if it had been full: its next
+        request here is judged with what is left of the client's rate.
+        """
+        buckets, rate, burst, floor = self._buckets, self.rate, self.burst, -self.burst
+        for key, tokens in spent.items():
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = [burst, now]
+                if len(buckets) > self.max_keys:
+                    buckets.popitem(last=False)
+            else:
+                buckets.move_to_end(key)
+                elapsed = max(0.0, now - bucket[1])
+                bucket[0] = min(burst, bucket[0] + elapsed * rate)
+                bucket[1] = now
+            bucket[0] = max(floor, bucket[0] - tokens)
 
 
 def retry_after_header(seconds: float) -> str:

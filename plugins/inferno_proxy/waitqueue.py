@@ -16,11 +16,18 @@ look again: pool changes are rare, looking is cheap.
 
 Nothing here touches the pool: the caller passes ``find``, which returns what
 it was looking for or ``None``.
+
+With ``--workers`` each process has its own queue, and the bound is the
+proxy's: each worker reports its depths (:meth:`WaitQueue.depths`) and is
+told the others' (:attr:`WaitQueue.peer_depths`), which count against the
+bound too.  They are as fresh as the last exchange with the parent (a few
+hundred milliseconds at most), so a sudden flood may pass the bound by what
+arrives meanwhile, never by a factor of the workers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final, TypeVar
 
 import anyio
@@ -82,7 +89,7 @@ class WaitQueue:
     :raises ValueError: on a negative bound.
     """
 
-    __slots__ = ("_changed", "_depth", "_total", "max_per_model")
+    __slots__ = ("_changed", "_depth", "_total", "max_per_model", "peer_depths")
 
     def __init__(self, max_per_model: int) -> None:
         if max_per_model < 0:
@@ -90,12 +97,18 @@ class WaitQueue:
         self.max_per_model = max_per_model
         self._depth: dict[str | None, int] = {}
         self._total = 0
+        #: Requests other processes of this proxy hold waiting, per model.
+        self.peer_depths: Mapping[str | None, int] = {}
         # Created on first wait: anyio.Event needs a running event loop.
         self._changed: anyio.Event | None = None
 
     def depth(self, model: str | None) -> int:
         """Requests waiting for *model* now."""
         return self._depth.get(model, 0)
+
+    def depths(self) -> dict[str | None, int]:
+        """Requests waiting now per model (models with none left out): a copy."""
+        return dict(self._depth)
 
     def total(self) -> int:
         """Requests waiting now, all models together (a gauge reads this)."""
@@ -123,7 +136,8 @@ class WaitQueue:
         if max_wait <= 0.0 or self.max_per_model == 0:
             raise QueueTimeout(model, 0.0)
         depth = self._depth.get(model, 0)
-        if depth >= self.max_per_model:
+        peers = self.peer_depths
+        if depth + (peers.get(model, 0) if peers else 0) >= self.max_per_model:
             raise QueueFull(model, self.max_per_model)
         self._depth[model] = depth + 1
         self._total += 1

@@ -154,6 +154,7 @@ class _Worker:
         self.ctx = ctx
         self.policy = policy
         self.urgent = anyio.Event()
+        self.depths_sent: dict[str | None, int] = {}  # the queue depths the parent knows
         self.pool = ReplicaPool(settings.pool_settings(), on_urgent=self._wake)
         self.ssl_context = (
             None
@@ -192,6 +193,7 @@ class _Worker:
                     per_key=settings.rate_limit_per_key,
                     per_ip=settings.rate_limit_per_ip,
                     burst=settings.rate_limit_burst,
+                    shared=True,
                 ),
             )
             return await self._serve(app, channel, index)
@@ -263,6 +265,9 @@ class _Worker:
                 channel.send(("applied", message[4]))
             elif kind == "peers":
                 self.pool.set_peer_load(message[1])
+                app.queue.peer_depths = message[2]
+                if message[3] is not None and app.rate_limits is not None:
+                    app.rate_limits.charge(message[3], app.clock())
             elif kind == "reload":
                 self._reload_api_keys(app)
         stopping.set()  # the parent is gone: nobody keeps our pool true any more
@@ -294,5 +299,11 @@ class _Worker:
         report = self.pool.take_report((app.in_flight(), app.queue.total()))
         if report is not None:
             channel.send(("report", report))
+        depths = app.queue.depths()
+        changed = depths if depths != self.depths_sent else None
+        spent = None if app.rate_limits is None else app.rate_limits.take_spent()
+        if changed is not None or spent is not None:
+            self.depths_sent = depths
+            channel.send(("limits", changed, spent))
         if metrics:
             channel.send(("metrics", self.ctx.metrics.snapshot()))

@@ -32,13 +32,14 @@ it cannot bind), or more than :data:`MAX_RESTARTS` deaths within
 :data:`RESTART_WINDOW`, fails the proxy (exit non-zero): a proxy that keeps
 crashing is better replaced by its supervisor than left limping.
 
-**Per worker, not per proxy.**  Rate limits (per key, per address), the
-wait queue's bound and the retry budget are each worker's own: a client's
-connections spread over the workers, so with N workers it may get up to N
-times its rate limit, and up to N times ``max_queue`` requests wait per
-model.  Connections the kernel queued on a worker that dies are reset with
-its socket (Linux moves them to another listener only with the
-``net.ipv4.tcp_migrate_req`` sysctl).
+**Per proxy, not per worker.**  Rate limits (per key, per address) and the
+wait queue's bound hold for the proxy as a whole: each worker reports what
+its limiters allowed and what it holds waiting, and the parent hands each
+the others' figures with their in-flight counts
+(:mod:`inferno_proxy.sharedlimits`).  The retry budget, a share of traffic,
+stays each worker's own.  Connections the kernel queued on a worker that
+dies are reset with its socket (Linux moves them to another listener only
+with the ``net.ipv4.tcp_migrate_req`` sysctl).
 
 **Stopping.**  The parent's stop signal becomes SIGTERM to each worker, which
 drains like a single-process proxy; a worker still running
@@ -87,6 +88,7 @@ from inferno_proxy.role import (
     serve_ports,
 )
 from inferno_proxy.settings import ProxySettings
+from inferno_proxy.sharedlimits import LimitLedger
 from inferno_proxy.workermetrics import WorkersOpsApp, count_backoff
 from inferno_proxy.workerwire import Channel, ChannelClosed, WorkerBoot
 
@@ -199,7 +201,8 @@ class _Worker:
     failure: str = ""
     metrics: dict[str, Any] | None = None
     applied: int = 0  # the latest pool version it acknowledged
-    peers_sent: dict[str, int] | None = None
+    #: The others' in-flight counts and queue depths last sent to it.
+    peers_sent: tuple[dict[str, int], dict[str | None, int]] | None = None
 
 
 class Supervisor:
@@ -238,6 +241,7 @@ class Supervisor:
         self.clock = clock
         self.publisher = StatePublisher(pool)
         self.ledger = TrafficLedger(pool)
+        self.limits = LimitLedger()
         self.workers: dict[int, _Worker] = {}
         self._dirty = anyio.Event()
         self._acked = anyio.Event()  # set (and replaced) on each acknowledgement
@@ -387,6 +391,7 @@ class Supervisor:
             if self.workers.get(index) is worker:
                 del self.workers[index]
             self.reporter.report(self.ledger.forget(index, self.clock()))
+            self.limits.forget(index)
         return status, worker.failure, worker.ready.is_set()
 
     async def _pump(self, worker: _Worker) -> None:
@@ -408,6 +413,8 @@ class Supervisor:
             self.reporter.report(changes)  # logs, counts, and (any change) publishes
             if report.probes or report.outcomes or report.probe_ends:
                 self.pool_changed()  # probe slots and streaks move without a change
+        elif kind == "limits" and len(message) == 3:
+            self.limits.report(worker.index, message[1], message[2])
         elif kind == "applied" and isinstance(message[1], int):
             worker.applied = message[1]
             self._acked.set()
@@ -471,8 +478,11 @@ class Supervisor:
         while True:
             with anyio.move_on_after(RESYNC_INTERVAL):
                 await self._dirty.wait()
+            # A change no record shows (a failure streak that ended, a round of
+            # checks) still wakes the workers' waiting requests: publish, even empty.
+            told = self._dirty.is_set()
             self._dirty = anyio.Event()
-            self._publish()
+            self._publish(always=told)
             await anyio.sleep(PUBLISH_GAP)
 
     async def _publish_after_rounds(self, health: HealthLoop) -> None:
@@ -484,11 +494,15 @@ class Supervisor:
     async def _send_loads_forever(self) -> None:
         while True:
             await anyio.sleep(LOAD_INTERVAL)
-            for worker in list(self.workers.values()):
-                others = self.ledger.others(worker.index)
-                if others != worker.peers_sent:
-                    worker.peers_sent = others
-                    self._send(worker, ("peers", others))
+            workers = list(self.workers.values())
+            charges = self.limits.hand_out(w.index for w in workers)
+            for worker in workers:
+                index = worker.index
+                figures = (self.ledger.others(index), self.limits.others_depths(index))
+                charge = charges.get(index)
+                if figures != worker.peers_sent or charge is not None:
+                    worker.peers_sent = figures
+                    self._send(worker, ("peers", *figures, charge))
 
 
 def _signal(process: anyio.abc.Process, signum: signal.Signals) -> None:

@@ -8,10 +8,13 @@ first item names them::
 
     parent -> worker   ("boot", WorkerBoot)          first, once
                        ("state", records, removed, full)   pool snapshot / delta
-                       ("peers", {node id: in flight})     the other workers' load
+                       ("peers", {node id: in flight}, {model: waiting}, Spending | None)
+                                                            the other workers' load and
+                                                            what their rate limits allowed
                        ("reload",)                          SIGHUP: read the API keys again
     worker -> parent   ("listening", pid) | ("failed", message)
                        ("report", Report)                   its traffic (replica.Report)
+                       ("limits", depths | None, Spending | None)  its queue, its limits' spending
                        ("metrics", Registry.snapshot())     for /telemetry and vitals
 """
 

@@ -200,3 +200,56 @@ def test_allowed_requests_never_exceed_burst_plus_refill(
         if not decision.allowed:
             assert 0.0 < decision.retry_after <= 1.0 / rate + 1e-9
     assert allowed <= burst + rate * now + 1e-6
+
+
+# --- shared across processes ----------------------------------------------------------------
+
+
+def test_an_unshared_limiter_keeps_no_spending() -> None:
+    limiter = RateLimiter(rate=1.0, burst=3.0)
+    limiter.check("k", 0.0)
+    assert limiter.take_spent() == {}
+
+
+def test_a_shared_limiter_hands_over_what_it_allowed_once() -> None:
+    limiter = RateLimiter(rate=1.0, burst=2.0, shared=True)
+    for _ in range(3):  # the third is refused: not spent
+        limiter.check("a", 0.0)
+    limiter.check("b", 0.0)
+    assert limiter.take_spent() == {"a": 2.0, "b": 1.0}
+    assert limiter.take_spent() == {}
+
+
+def test_charges_from_other_processes_hold_the_client_to_one_rate() -> None:
+    # Two processes share a client: 1 token/s, burst 4.  Each allows what its
+    # own bucket holds, then charges the other's spending.
+    one = RateLimiter(rate=1.0, burst=4.0, shared=True)
+    two = RateLimiter(rate=1.0, burst=4.0, shared=True)
+    allowed = 0
+    for step in range(200):  # 100 s, a request to each every half second
+        now = step * 0.5
+        allowed += one.check("c", now).allowed + two.check("c", now).allowed
+        spent_one, spent_two = one.take_spent(), two.take_spent()
+        one.charge(spent_two, now)
+        two.charge(spent_one, now)
+    # Alone, each would allow burst + rate * time: about 2 * (4 + 100).
+    assert allowed <= 4 + 100 + 4  # one burst of overshoot at most (both full at once)
+    assert allowed >= 100  # and the rate is still granted
+
+
+def test_a_charge_is_a_debt_capped_at_one_burst() -> None:
+    limiter = RateLimiter(rate=2.0, burst=5.0, shared=True)
+    limiter.charge({"c": 100.0}, 0.0)  # a key never seen here: a full bucket, then the debt
+    decision = limiter.check("c", 0.0)
+    assert not decision.allowed
+    assert decision.remaining == -5.0
+    assert decision.retry_after == pytest.approx((1.0 + 5.0) / 2.0)
+    assert limiter.check("c", 3.0).allowed  # repaid at the rate: -5 + 6 tokens
+    assert limiter.take_spent() == {"c": 1.0}  # charges are not spending of its own
+
+
+def test_charges_respect_the_key_bound() -> None:
+    limiter = RateLimiter(rate=1.0, burst=1.0, max_keys=2, shared=True)
+    limiter.charge({"a": 1.0, "b": 1.0, "c": 1.0}, 0.0)
+    assert len(limiter) == 2
+    assert "a" not in limiter

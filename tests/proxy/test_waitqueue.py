@@ -82,6 +82,22 @@ async def test_no_waiting_when_disabled() -> None:
             await queue.wait_for("m", lambda: "never asked", wait)
 
 
+async def test_other_processes_waiters_count_against_the_bound() -> None:
+    queue = WaitQueue(3)
+    queue.peer_depths = {"m": 2}
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(queue.wait_for, "m", lambda: None, 10.0)
+        await until(lambda: queue.depth("m") == 1)
+        assert queue.depths() == {"m": 1}  # its own only: what it reports to the parent
+        with pytest.raises(QueueFull, match=r"\(3\)"):
+            await queue.wait_for("m", lambda: None, 10.0)
+        queue.peer_depths = {}  # the others' waiters left
+        tg.start_soon(queue.wait_for, "m", lambda: None, 10.0)
+        await until(lambda: queue.depth("m") == 2)
+        tg.cancel_scope.cancel()
+    assert queue.depths() == {}
+
+
 def test_a_negative_bound_is_refused() -> None:
     with pytest.raises(ValueError, match="max_per_model"):
         WaitQueue(-1)

@@ -349,6 +349,150 @@ async def test_sighup_reloads_the_api_keys_of_every_worker(tmp_path: Path) -> No
     assert "sk-old-key" not in proxy.messages()
 
 
+async def pinned_client(
+    stack: contextlib.AsyncExitStack, proxy: Proxy, *, avoid: int | None = None
+) -> tuple[HTTPClient, int]:
+    """A client whose one keep-alive connection is served by one worker (not *avoid*):
+    ``(client, worker pid)``.  Finding the worker costs one ``GET /v1/models``."""
+    with anyio.fail_after(WAIT):
+        while True:
+            client = await stack.enter_async_context(HTTPClient(max_connections_per_origin=1))
+            answer = await client.request("GET", f"{proxy.service}/v1/models")
+            await answer.read()
+            pid = int(answer.headers.get("x-inferno-worker") or 0)
+            if answer.status == 200 and pid != avoid:
+                return client, pid
+
+
+async def test_a_client_rate_limit_holds_across_workers() -> None:
+    burst = 10
+    # Practically no refill during the test: every allowed request spends the burst.
+    async with proxy_process("--rate-limit-per-ip=0.001", f"--rate-limit-burst={burst}") as proxy:
+        url = f"{proxy.service}/v1/models"
+        async with contextlib.AsyncExitStack() as stack:
+            first, first_pid = await pinned_client(stack, proxy)
+            for _ in range(burst - 1):  # the probe spent one already
+                answer = await first.request("GET", url)
+                await answer.read()
+                assert answer.status == 200
+                assert answer.headers.get("x-inferno-worker") == str(first_pid)
+            refused = await first.request("GET", url)
+            assert refused.status == 429
+            await refused.read()
+            # Another worker never saw this client: alone, it would allow a whole burst.
+            # It allows what it does before the first worker's spending reaches it
+            # (two exchanges of 100 ms with the parent), then refuses too.
+            allowed_there = 0
+            with anyio.fail_after(WAIT):
+                while True:
+                    async with HTTPClient() as fresh:
+                        answer = await fresh.request("GET", url)
+                        body = await answer.json()
+                    pid = int(answer.headers.get("x-inferno-worker") or 0)
+                    if pid != first_pid and answer.status == 200:
+                        allowed_there += 1
+                    elif pid != first_pid:
+                        break
+                    await anyio.sleep(0.1)  # paces the client: a burst in 1 s is the bug
+        assert answer.status == 429
+        assert body["error"]["code"] == "rate_limit_exceeded"
+        assert answer.headers.get("retry-after")
+        assert allowed_there < burst
+
+
+async def test_the_wait_queue_bound_holds_across_workers() -> None:
+    chat = json.dumps({"model": "tiny", "messages": []}).encode()
+    # No node at all: requests wait (up to the queue timeout) for one to register.
+    async with proxy_process("--max-queue=2", "--queue-timeout=60s") as proxy:
+        url = f"{proxy.service}/v1/chat/completions"
+        async with contextlib.AsyncExitStack() as stack:
+            holders: dict[int, list[HTTPClient]] = {}
+            while max((len(v) for v in holders.values()), default=0) < 2:
+                client, pid = await pinned_client(stack, proxy)
+                holders.setdefault(pid, []).append(client)
+            waiting_pid = next(pid for pid, clients in holders.items() if len(clients) >= 2)
+            async with anyio.create_task_group() as tg:
+                for client in holders[waiting_pid][:2]:
+                    tg.start_soon(functools.partial(client.request, "POST", url, body=chat))
+
+                async def two_waiting() -> bool:
+                    async with HTTPClient() as client:
+                        answer = await client.request("GET", f"{proxy.ops}/metrics")
+                        return bool((await answer.json())["requests_queued"] == 2)
+
+                await eventually(two_waiting)
+                # The other worker holds none: alone it would let two more wait.
+                with anyio.fail_after(WAIT):
+                    while True:
+                        async with contextlib.AsyncExitStack() as inner:
+                            other, _ = await pinned_client(inner, proxy, avoid=waiting_pid)
+                            with anyio.move_on_after(1.0):
+                                answer = await other.request("POST", url, body=chat)
+                                body = await answer.json()
+                                break
+                        # It waited: the count had not reached it yet; leaving dequeues it.
+                tg.cancel_scope.cancel()
+    assert answer.status == 429
+    assert body["error"]["code"] == "queue_full"
+    assert answer.headers.get("retry-after") == "1"
+
+
+async def test_a_node_back_before_its_failures_counted_wakes_requests_in_every_worker() -> None:
+    a = Node("a")
+    # Plenty of failures allowed: the node never leaves rotation, so its return
+    # changes no state a worker could see; the parent must still wake them.
+    args = (
+        "--health-checker=http",
+        "--failure-threshold=1000",
+        "--removal-threshold=100000",
+        "--circuit-failure-threshold=1000",
+        "--queue-timeout=60s",
+    )
+    async with proxy_process(*args) as proxy:
+        async with running(a) as a_info:
+            port = a_info.port
+            assert await post(f"{proxy.ops}/register", registration("a", port)) == 200
+            await spread(proxy)  # in rotation, in every worker
+        # "a" is down: requests through both workers find it unreachable and wait.
+        async with anyio.create_task_group() as tg:
+            served: list[tuple[str, int]] = []
+            all_served = anyio.Event()
+
+            async def one() -> None:
+                served.append(await ask(proxy))
+                if len(served) == REQUESTS // 4:
+                    all_served.set()
+
+            for _ in range(REQUESTS // 4):
+                tg.start_soon(one)
+
+            async def all_failed_once() -> bool:
+                async with HTTPClient() as client:
+                    text = (
+                        await (await client.request("GET", f"{proxy.ops}/telemetry")).read()
+                    ).decode()
+                found = re.findall(
+                    r'^inferno_proxy_upstream_failures_total\{.*worker="(\d)"\} (\d+)', text, re.M
+                )
+                return {w for w, _ in found} == {"0", "1"}
+
+            await eventually(all_failed_once)
+            async with running_on(a, port):
+                with anyio.fail_after(WAIT):  # well before the queue timeout
+                    await all_served.wait()
+        assert {node for node, _ in served} == {"a"}
+        assert len({pid for _, pid in served}) == 2
+
+
+@contextlib.asynccontextmanager
+async def running_on(node: Node, port: int) -> AsyncIterator[ServerInfo]:
+    """*node* served on *port* again (its previous server closed)."""
+    async with anyio.create_task_group() as tg:
+        info: ServerInfo = await tg.start(functools.partial(serve, node.handle, port=port))
+        yield info
+        tg.cancel_scope.cancel()
+
+
 def test_workers_setting_takes_a_count_or_auto() -> None:
     count = WorkerCount()
     assert count.parse("auto") == 0
