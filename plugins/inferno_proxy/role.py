@@ -66,6 +66,7 @@ from inferno_proxy.ops import MAX_OPS_BODY_BYTES, LoadSource, OpsApp, ServiceLoa
 from inferno_proxy.policies import RoutingPolicy
 from inferno_proxy.pool import Pool
 from inferno_proxy.settings import ProxySettings
+from inferno_proxy.staticnodes import add_static_backends
 from inferno_proxy.workermetrics import count_backoff
 
 __all__ = [
@@ -368,8 +369,7 @@ async def serve_proxy(
                 on_pool_changes=functools.partial(reporter.report, notify=False),
             )
             reporter.on_change = app.pool_changed
-            for address in settings.backends:
-                reporter.report(pool.add_static(str(address), clock()))
+            reporter.report(add_static_backends(pool, settings.backends, clock()))
             load = functools.partial(_service_load, app, registry)
             ops, health = control_plane(
                 settings, parts, pool, reporter, registry, load, clock, tick_interval

@@ -25,12 +25,10 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from inferno.config import (
-    Address,
     Bool,
     Duration,
     Enum,
     Float,
-    HostPort,
     Int,
     ListOf,
     Path,
@@ -40,6 +38,7 @@ from inferno.config import (
     Str,
     TomlValue,
 )
+from inferno_proxy.staticnodes import BackendSpec, StaticBackend
 
 if TYPE_CHECKING:
     from inferno.http import ServerLimits
@@ -131,9 +130,11 @@ PROXY_SECTION: Final = Section(
         # -- discovery ------------------------------------------------------------------------
         Setting(
             "backends",
-            ListOf(Address()),
+            ListOf(BackendSpec()),
             (),
-            "static backends host:port,host:port (plain vLLM, llama.cpp... servers too)",
+            "static backends host:port,host:port (plain vLLM, llama.cpp... servers), each "
+            "optionally with ;weight=W and ;model=NAME (once per model); without a model, "
+            "a node's models are read from its GET /v1/models",
         ),
         Setting(
             "shared_secret",
@@ -369,7 +370,7 @@ class ProxySettings:
     worker_header: bool = False
     tls_cert: pathlib.Path | None = None
     tls_key: pathlib.Path | None = None
-    backends: tuple[HostPort, ...] = ()
+    backends: tuple[StaticBackend, ...] = ()
     shared_secret: str | None = None
     open_enrollment: bool = False
     max_nodes: int = 10_000

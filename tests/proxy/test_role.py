@@ -30,6 +30,7 @@ from inferno_proxy.auth import ApiKeys
 from inferno_proxy.policies import LeastRequests
 from inferno_proxy.role import ProxyInfo, ProxyParts, check_settings, is_loopback, serve_proxy
 from inferno_proxy.settings import ProxySettings
+from inferno_proxy.staticnodes import StaticBackend
 
 from inferno.cli import main
 from inferno.config import HostPort
@@ -126,7 +127,7 @@ async def test_the_proxy_checks_static_backends_takes_registrations_and_stops_by
         anyio.create_task_group() as tg,
     ):
         settings = ProxySettings(
-            backends=(HostPort("127.0.0.1", static.port),), health_interval=0.05
+            backends=(StaticBackend(HostPort("127.0.0.1", static.port)),), health_interval=0.05
         )
         info: ProxyInfo = await tg.start(
             functools.partial(
@@ -229,8 +230,8 @@ def source(dotted: str) -> str:
         ({"shared_secret": "x", "open_enrollment": True}, "proxy.open_enrollment"),
         ({"tls_key": Path("key.pem")}, "proxy.tls_key"),
         ({"circuit_cooldown": 10.0, "circuit_max_cooldown": 5.0}, "proxy.circuit_max_cooldown"),
-        ({"backends": (HostPort("0.0.0.0", 80),)}, "proxy.backends"),
-        ({"backends": (HostPort("127.0.0.1", 0),)}, "proxy.backends"),
+        ({"backends": (StaticBackend(HostPort("0.0.0.0", 80)),)}, "proxy.backends"),
+        ({"backends": (StaticBackend(HostPort("127.0.0.1", 0)),)}, "proxy.backends"),
     ],
 )
 def test_settings_the_proxy_must_not_run_with_are_refused(
