@@ -6,7 +6,8 @@ they observe and ask it what to do, passing ``now`` (monotonic seconds).
 Feeding it:
 
 * discovery: :meth:`Pool.register` (adds or updates), :meth:`Pool.add_static`,
-  :meth:`Pool.deregister`, :meth:`Pool.remove`;
+  :meth:`Pool.deregister`, :meth:`Pool.remove`, and :meth:`Pool.set_models` for
+  a static node's model list read from the node;
 * active checks: :meth:`Pool.check_passed` (with the node's vitals, when the
   checker reads them) and :meth:`Pool.check_failed`;
 * live traffic: :meth:`Pool.start` when a request goes to a node, then
@@ -119,6 +120,18 @@ class Pool:
         """Whether any backend, in any state, serves *model* (else: 404 unknown model)."""
         return any(node.serves(model) for node in self._nodes.values() if node.routable)
 
+    def lists(self, model: str) -> bool:
+        """Whether a backend, in any state, names *model* in its model list.
+
+        Unlike :meth:`serves`, a node without a list (a wildcard: a static
+        backend that has none) does not count: the model names this is true of
+        come from registrations, vitals, configuration or discovery, never from
+        a client, so they are bounded enough to label metrics with.
+        """
+        return any(
+            node.models and node.serves(model) for node in self._nodes.values() if node.routable
+        )
+
     def models(self) -> list[str]:
         """Sorted model names of the backends in rotation (``GET /v1/models``)."""
         names: set[str] = set()
@@ -227,6 +240,23 @@ class Pool:
         existing.source = NodeSource.STATIC
         existing.health.removable = False
         return (NodeChange(info.id, ChangeKind.UPDATED, "registered", "static", now),)
+
+    def set_models(
+        self, node_id: str, models: tuple[str, ...], now: float, reason: str = ""
+    ) -> tuple[NodeChange, ...]:
+        """*node_id* serves *models* now (``()``: no list, any model), as its server
+        said (a static node's ``GET /v1/models``, see :mod:`inferno_proxy.staticnodes`).
+
+        Changes :attr:`Node.models` only, not what it registered or was configured
+        with.  A different list is an ``updated`` change (*reason* says what it is
+        now), so the data path and the other workers follow it; the same list, or
+        an unknown id, changes nothing.
+        """
+        node = self._nodes.get(node_id)
+        if node is None or node.models == models:
+            return _NO_CHANGES
+        node.set_models(models)
+        return (NodeChange(node_id, ChangeKind.UPDATED, node.address, node.address, now, reason),)
 
     def deregister(self, node_id: str, now: float) -> tuple[NodeChange, ...]:
         """A node said goodbye (``POST /deregister``): no new requests from now on.

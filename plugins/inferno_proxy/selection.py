@@ -15,7 +15,10 @@ model while the pool has no backend at all (a fleet starting, or every node
 gone), waits in the queue like a request whose nodes are all out, so a node
 that is starting or restarting can take it: up to ``queue_timeout``, then 503
 with ``Retry-After``, or 404 if by then the pool has backends and the model
-is still unknown to them.
+is still unknown to them.  A node without a model list (a static backend
+that has none) takes any model; a request only such nodes serve is routed
+there but labelled ``unknown`` in the metrics, since its name is the
+client's alone (:meth:`Pool.lists <inferno_proxy.pool.Pool.lists>`).
 
 **No node eligible.**  The request waits in its model's queue, woken by
 every pool change, for up to ``queue_timeout``: 503 + ``Retry-After`` then,
@@ -77,19 +80,21 @@ class NodeSelection:
     def check_model(self, exchange: Exchange, model: str) -> None:
         """Label the exchange with *model*, or refuse a model no node will serve.
 
-        See "Unknown models" in the module docstring: a model served now or
-        lately is labelled as itself; one named while the pool has no backend
-        is labelled ``unknown`` (a client's name is no bounded label) until a
-        node serving it is found (:meth:`label_model`).
+        See "Unknown models" in the module docstring.  The label is a client's
+        name only when some node lists that model now or did lately; otherwise
+        it is ``unknown`` (a client's name is no bounded label), whether the
+        request then waits for a node (the pool has no backend; it is
+        relabelled once a node serving it is found, :meth:`label_model`) or goes
+        to a node without a model list, which takes any model.
 
         :raises HTTPError: 404 ``model_not_found`` when the pool has backends,
             none serves *model*, and none served it lately.
         """
-        if self.pool.serves(model) or self.models_seen.remembers(model, self.clock()):
+        if self.pool.lists(model) or self.models_seen.remembers(model, self.clock()):
             exchange.model = model
             return
         exchange.model = "unknown"
-        if len(self.pool):
+        if len(self.pool) and not self.pool.serves(model):
             raise model_not_found(model)
 
     def expects(self, model: str) -> bool:
