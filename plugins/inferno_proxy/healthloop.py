@@ -14,6 +14,16 @@ Registered nodes are checked with ``checker`` (``vitals`` by default: their
 ``--backends`` with ``static_checker`` (``http`` by default, since a plain
 vLLM or llama.cpp server has ``/health`` but no Inferno vitals).
 
+A static node configured without models is asked for its OpenAI model list
+(``GET /v1/models``, within the check timeout) after a passing check when
+:class:`~inferno_proxy.staticnodes.ModelDiscovery` says it is due: its first
+pass, its first after a failure, then every ``model_refresh`` seconds.  The
+answer is applied together with the check that preceded it, so a node joins
+rotation with its models already known rather than as a wildcard for a
+moment; a new list is an ``updated`` change like any other.  The loop holds
+its own small HTTP client for this, closed when :meth:`HealthLoop.run` ends
+(or by :meth:`HealthLoop.aclose`).
+
 A round never overlaps the next: when checks take longer than the interval
 (a timeout above it), the next round starts as soon as this one ends.  Each
 result is applied as soon as it arrives, to the node it was taken for: a
@@ -32,13 +42,25 @@ from typing import Final
 
 import anyio
 import anyio.abc
-from inferno_health.checkers import CheckResult, CheckTarget, HealthChecker
+from inferno_health.checkers import CheckResult, CheckTarget, HealthChecker, describe_failure
 
+from inferno.http.client import HTTPClient, Timeouts
+from inferno.http.client_errors import ClientError, ResponseTooLarge
 from inferno.metrics import Registry
+from inferno.protocol import format_address
 from inferno_proxy.circuit import CircuitState
 from inferno_proxy.health import HealthState
 from inferno_proxy.nodes import TICK_INTERVAL, ChangeKind, Node, NodeChange, NodeSource
 from inferno_proxy.pool import PEER_EXPIRED, Pool
+from inferno_proxy.staticnodes import (
+    MAX_MODEL_LIST_BYTES,
+    MODEL_REFRESH_INTERVAL,
+    MODELS_PATH,
+    ModelAnswer,
+    ModelDiscovery,
+    describe_models,
+    read_model_list,
+)
 
 __all__ = ["CHANGE_STATES", "ChangeReporter", "HealthLoop", "change_state", "describe_change"]
 
@@ -57,6 +79,12 @@ CHECK_GRACE: Final = 1.0
 #: :meth:`Pool.deregister <inferno_proxy.pool.Pool.deregister>` and the drain that
 #: follows it give): logged at INFO.  Any other removal (failed checks) is a warning.
 ROUTINE_REMOVALS: Final = frozenset({"deregistered", "drained", PEER_EXPIRED})
+
+#: Seconds an idle model-list connection is kept: none, in effect.  Requests come
+#: a minute apart, past any server's keep-alive (uvicorn's is 5 s), so a kept
+#: connection would only be found closed.
+MODEL_LIST_IDLE_TIMEOUT: Final = 1.0
+_MODEL_LIST_HEADERS: Final = (("accept", "application/json"), ("user-agent", "inferno-proxy"))
 
 #: Every ``state`` label of ``inferno_proxy_node_changes_total``: the new state of
 #: a health, circuit, stall, draining or rotation change; how a node was added
@@ -85,7 +113,13 @@ def describe_change(change: NodeChange, pool: Pool | None = None) -> str:
         return f"{node} added ({change.reason}) at {change.new}"
     if kind is ChangeKind.UPDATED:
         if change.old == change.new:  # same address: models, weight... changed
-            return f"{node} updated its registration"
+            # The reason says what changed when the pool knows (a model list read
+            # from the node); a registration's update says nothing more.
+            return (
+                f"{node} updated: {change.reason}"
+                if change.reason
+                else f"{node} updated its registration"
+            )
         return f"{node} updated: {change.old} -> {change.new}"
     if kind is ChangeKind.REMOVED:
         return f"{node} removed: {change.reason}"
@@ -191,6 +225,8 @@ class HealthLoop:
     :param reporter: tells the changes the loop causes (logs, counter, the
         data path's callback); by default one that only logs and counts.
     :param clock: monotonic seconds; the same clock as the data path's.
+    :param model_refresh: seconds between two model-list requests to a static
+        node that keeps passing its checks (see the module docstring).
     """
 
     def __init__(
@@ -205,6 +241,7 @@ class HealthLoop:
         registry: Registry | None = None,
         reporter: ChangeReporter | None = None,
         clock: Clock = time.monotonic,
+        model_refresh: float = MODEL_REFRESH_INTERVAL,
     ) -> None:
         for name, value in (("interval", interval), ("timeout", timeout), ("tick", tick_interval)):
             if not value > 0:
@@ -218,6 +255,11 @@ class HealthLoop:
         self.registry = registry or Registry()
         self.reporter = reporter or ChangeReporter(pool, self.registry)
         self.clock = clock
+        self.discovery = ModelDiscovery(model_refresh)
+        # One request per static node at a time; see MODEL_LIST_IDLE_TIMEOUT.
+        self._client = HTTPClient(
+            max_connections_per_origin=1, idle_timeout=MODEL_LIST_IDLE_TIMEOUT
+        )
         #: Completed rounds; tests and operators can see the loop is alive.
         self.rounds = 0
         self._round_done: anyio.Event | None = None
@@ -237,14 +279,25 @@ class HealthLoop:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Check and tick until cancelled; reports started before the first round."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._tick_forever)
-            task_status.started()
-            while True:
-                started = anyio.current_time()
-                await self.check_all()
-                await anyio.sleep_until(started + self.interval)
+        """Check and tick until cancelled; reports started before the first round.
+
+        Closes the loop's HTTP client when it ends.
+        """
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._tick_forever)
+                task_status.started()
+                while True:
+                    started = anyio.current_time()
+                    await self.check_all()
+                    await anyio.sleep_until(started + self.interval)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connections the loop opened to read model lists."""
+        await self._client.aclose()
 
     async def wait_round(self) -> None:
         """Wait until the round in progress (or the next one) has completed."""
@@ -259,8 +312,10 @@ class HealthLoop:
 
     async def check_all(self) -> None:
         """One round: check every node at once; each result is applied when it arrives."""
+        nodes = self.pool.nodes()
+        self.discovery.forget({node.id for node in nodes})
         async with anyio.create_task_group() as tg:
-            for node in self.pool.nodes():
+            for node in nodes:
                 tg.start_soon(self._check_one, node.id, node.address, self._target(node))
         self.rounds += 1
         done, self._round_done = self._round_done, None
@@ -300,11 +355,17 @@ class HealthLoop:
         if result is None:
             result = CheckResult(False, f"timeout after {self.timeout:g}s")
         self._latency.labels(checker=checker.name).observe(result.latency)
+        answer: ModelAnswer | None = None
+        if _discovers(node):
+            if not result.ok:
+                self.discovery.lost(node_id)  # it may come back serving another model
+            elif result.ready is not False and self.discovery.due(node_id, self.clock()):
+                answer = await self._read_models(target)
         current = self.pool.get(node_id)
         if current is None or current.address != address:
             return  # it left, or moved: this result is about a node that no longer exists
         models, failing = current.models, current.health.consecutive_failures
-        changes = self._feed(node_id, checker.name, result)
+        changes = self._take_models(current, answer) + self._feed(node_id, checker.name, result)
         if changes:
             self.apply(changes)
         elif current.models != models or (failing and not current.health.consecutive_failures):
@@ -313,6 +374,39 @@ class HealthLoop:
             # requests that found this node unreachable wait for it to answer again
             # (a node back before its failures took it out changes no state).
             self.reporter.notify()
+
+    async def _read_models(self, target: CheckTarget) -> ModelAnswer:
+        """``GET /v1/models`` from the node's service port, within the check timeout."""
+        seconds = self.timeout
+        url = f"{target.scheme}://{format_address(target.host, target.port)}{MODELS_PATH}"
+        phase = Timeouts(connect=seconds, read=seconds, write=seconds, pool=seconds, total=seconds)
+        what = f"timeout after {seconds:g}s"
+        with anyio.move_on_after(seconds):
+            try:
+                async with self._client.stream(
+                    "GET", url, headers=_MODEL_LIST_HEADERS, timeouts=phase
+                ) as response:
+                    try:
+                        body: bytes | None = await response.read(max_bytes=MAX_MODEL_LIST_BYTES)
+                    except ResponseTooLarge:
+                        body = None  # the connection is closed; the answer is no usable list
+                    return read_model_list(response.status, body)
+            except (ClientError, OSError) as exc:
+                what = describe_failure(exc, seconds)
+        # Nothing learned: a node that passed its check but could not answer this.
+        return ModelAnswer(None, f"{MODELS_PATH} failed ({what}); its models stay as they were")
+
+    def _take_models(self, node: Node, answer: ModelAnswer | None) -> tuple[NodeChange, ...]:
+        """Apply a model-list answer to *node*; say what the operator should know, once."""
+        if answer is None:
+            return ()
+        now = self.clock()
+        note = self.discovery.answered(node.id, answer, now)
+        if note:
+            logger.info("node %s: %s", node.id, note, extra={"node": node.id})
+        if answer.models is None:
+            return ()
+        return self.pool.set_models(node.id, answer.models, now, describe_models(answer.models))
 
     def _feed(self, node_id: str, checker: str, result: CheckResult) -> tuple[NodeChange, ...]:
         now = self.clock()
@@ -330,3 +424,8 @@ class HealthLoop:
         """Report changes (see :class:`ChangeReporter`); nothing when there are none."""
         if changes:
             self.reporter.report(changes)
+
+
+def _discovers(node: Node) -> bool:
+    """Whether *node*'s models are read from it: a static node configured without any."""
+    return node.source is NodeSource.STATIC and not node.info.models

@@ -130,16 +130,18 @@ async def running(*nodes: StandIn) -> AsyncIterator[None]:
 async def health_loop(pool: Pool, **options: Any) -> AsyncIterator[HealthLoop]:
     checker = VitalsChecker()
     static = HTTPChecker()
+    loop = HealthLoop(
+        pool,
+        checker=checker,
+        static_checker=static,
+        interval=options.pop("interval", 60.0),
+        timeout=options.pop("timeout", TIMEOUT),
+        **options,
+    )
     try:
-        yield HealthLoop(
-            pool,
-            checker=checker,
-            static_checker=static,
-            interval=options.pop("interval", 60.0),
-            timeout=options.pop("timeout", TIMEOUT),
-            **options,
-        )
+        yield loop
     finally:
+        await loop.aclose()
         await checker.aclose()
         await static.aclose()
 
@@ -304,8 +306,9 @@ async def test_static_backends_are_checked_with_the_static_checker() -> None:
         assert state(the_pool, static.address) == "unknown"
         await loop.check_all()
         assert state(the_pool, static.address) == "healthy"  # one pass: it joins
-        assert static.paths == ["/health"]  # http checker, never the vitals
-        assert registered.paths == ["/metrics"]
+        # http checker, never the vitals; then its model list (a 404 here: none)
+        assert static.paths == ["/health", "/v1/models"]
+        assert registered.paths == ["/metrics"]  # a registered node is never asked
         static.health_status = 503
         for _ in range(3):
             await loop.check_all()
