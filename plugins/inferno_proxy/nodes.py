@@ -161,7 +161,8 @@ class Node:
     :ivar health: its :class:`~inferno_proxy.health.HealthTracker`.
     :ivar circuit: its :class:`~inferno_proxy.circuit.CircuitBreaker`.
     :ivar models: the models it serves now (its vitals' list when they report
-        one, else its registration's); empty means "unknown: any model".
+        one, else its registration's; for a static node, its configured list
+        or the one its ``GET /v1/models`` gave); empty means "unknown: any model".
     :ivar in_flight: requests this proxy has sent it and not yet finished (in a
         worker process of a multi-process proxy: this process's own).
     :ivar peer_in_flight: requests the other worker processes of this proxy

@@ -89,6 +89,7 @@ from inferno_proxy.role import (
 )
 from inferno_proxy.settings import ProxySettings
 from inferno_proxy.sharedlimits import LimitLedger
+from inferno_proxy.staticnodes import add_static_backends
 from inferno_proxy.workermetrics import WorkersOpsApp, count_backoff
 from inferno_proxy.workerwire import Channel, ChannelClosed, WorkerBoot
 
@@ -599,8 +600,7 @@ async def serve_workers(
     reporter.on_change = supervisor.pool_changed
     drain_budget = max(0.0, shutdown_timeout - STOP_RESERVE)
     try:
-        for address in settings.backends:
-            reporter.report(pool.add_static(str(address), clock()))
+        reporter.report(add_static_backends(pool, settings.backends, clock()))
         ops, health = control_plane(
             settings,
             parts,

@@ -349,6 +349,34 @@ async def test_sighup_reloads_the_api_keys_of_every_worker(tmp_path: Path) -> No
     assert "sk-old-key" not in proxy.messages()
 
 
+async def test_static_backends_options_reach_every_worker() -> None:
+    a = Node("a")
+    async with running(a) as a_info:
+        entry = f"127.0.0.1:{a_info.port};weight=2.5;model=pinned"
+        async with proxy_process(f"--backends={entry}", "--static-health-checker=http") as proxy:
+            node_id = f"127.0.0.1:{a_info.port}"
+
+            async def in_rotation() -> bool:
+                return bool((await backends(proxy)).get(node_id, {}).get("healthy"))
+
+            await eventually(in_rotation)
+            found = (await backends(proxy))[node_id]
+            assert (found["weight"], found["models"]) == (2.5, ["pinned"])
+            pids: set[int] = set()
+            body = json.dumps({"model": "pinned", "messages": []}).encode()
+            for _ in range(REQUESTS):
+                async with HTTPClient() as client:
+                    answer = await client.request(
+                        "POST", f"{proxy.service}/v1/chat/completions", body=body
+                    )
+                    assert answer.status == 200
+                    assert (await answer.json())["served_by"] == "a"
+                    pids.add(int(answer.headers.get("x-inferno-worker") or 0))
+                    listed = await client.request("GET", f"{proxy.service}/v1/models")
+                    assert [m["id"] for m in (await listed.json())["data"]] == ["pinned"]
+            assert len(pids) == 2
+
+
 async def pinned_client(
     stack: contextlib.AsyncExitStack, proxy: Proxy, *, avoid: int | None = None
 ) -> tuple[HTTPClient, int]:
