@@ -147,11 +147,6 @@ class NodeSelection:
         finally:
             self.metrics.queue_wait.observe(clock() - queued)
 
-    def next_node(self, model: str | None, key: str | None, tried: list[str]) -> Node | None:
-        """Another node for a retry, if one is left and the budget allows; ``None`` otherwise."""
-        node = self.untried(model, key, tried)
-        return node if node is not None and self.pay_retry() else None
-
     def untried(self, model: str | None, key: str | None, tried: list[str]) -> Node | None:
         """A node not tried yet, while ``max_attempts`` allows another attempt."""
         if len(tried) >= self.settings.max_attempts:
