@@ -13,8 +13,7 @@ import anyio
 import pytest
 from inferno_proxy.forward import ForwardSettings
 
-from tests.proxy.test_waitqueue import not_ready
-from tests.proxy.upstreams import IO_TIMEOUT, Backend, Harness, echo, proxied, slow_head
+from tests.proxy.upstreams import IO_TIMEOUT, Backend, Harness, echo, not_ready, proxied, slow_head
 
 pytestmark = pytest.mark.anyio
 

@@ -7,24 +7,28 @@ real server starting on its port and real health checks finding it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import socket
 import time
-from collections.abc import AsyncIterator, Callable
 
 import anyio
 import pytest
-from inferno_health.checkers import HTTPChecker
 from inferno_proxy.budget import RetryBudget
 from inferno_proxy.forward import ForwardSettings
-from inferno_proxy.healthloop import ChangeReporter, HealthLoop
 from inferno_proxy.modelmemory import ModelMemory
 
 from inferno.http import serve
-from inferno.metrics import Registry
-from tests.proxy.upstreams import IO_TIMEOUT, Backend, Harness, echo, proxied, refused_address
+from tests.proxy.upstreams import (
+    IO_TIMEOUT,
+    Backend,
+    Harness,
+    echo,
+    health_checks,
+    proxied,
+    refused_address,
+    reserved_port,
+    until,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -40,13 +44,6 @@ async def post(h: Harness, model: str = "m") -> tuple[int, str | None, dict[str,
         "POST", f"{h.url}/v1/completions", headers=JSON, body=body(model)
     )
     return response.status, response.headers.get("retry-after"), await response.json()
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait, bounded, for something the proxy does on its own (no event to wait on)."""
-    with anyio.fail_after(IO_TIMEOUT):
-        while not condition():  # noqa: ASYNC110
-            await anyio.sleep(0.002)
 
 
 Answer = tuple[int, str | None, dict[str, object]]
@@ -145,30 +142,6 @@ def test_the_memory_forgets_after_its_window_and_beyond_its_limit() -> None:
 
 
 # --- nodes that are down ---------------------------------------------------------------------
-
-
-def reserved_port() -> socket.socket:
-    """A loopback port bound with ``SO_REUSEPORT`` but not listening: connections are
-    refused until a server listens there too (``serve(..., reuse_port=True)``)."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
-@contextlib.asynccontextmanager
-async def health_checks(h: Harness) -> AsyncIterator[None]:
-    """Real ``http`` checks of the harness's pool, round after round, telling its app."""
-    checker = HTTPChecker()
-    reporter = ChangeReporter(h.pool, Registry(), on_change=h.app.pool_changed)
-    loop = HealthLoop(h.pool, checker=checker, interval=0.02, timeout=1.0, reporter=reporter)
-    try:
-        async with anyio.create_task_group() as tg:
-            await tg.start(loop.run)
-            yield
-            tg.cancel_scope.cancel()
-    finally:
-        await checker.aclose()
 
 
 @pytest.mark.parametrize("source", ["static", "registered"])

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 
 import anyio
 import pytest
 from inferno_proxy.forward import ForwardSettings
 from inferno_proxy.waitqueue import QueueFull, QueueTimeout, WaitQueue
 
-from inferno.protocol import NodeVitals
-from tests.proxy.upstreams import IO_TIMEOUT, Backend, Harness, echo, proxied
+from tests.proxy.upstreams import IO_TIMEOUT, Backend, Harness, echo, not_ready, proxied
 
 pytestmark = pytest.mark.anyio
 
@@ -104,20 +102,6 @@ def test_a_negative_bound_is_refused() -> None:
 
 
 # --- behind the proxy ---------------------------------------------------------------------
-
-
-def not_ready(h: Harness, name: str) -> None:
-    vitals = NodeVitals(
-        ready=False,
-        requests_in_progress=0,
-        requests_queued=0,
-        cpu_usage=0.0,
-        memory_usage=0.0,
-        uptime_seconds=1.0,
-        version="test",
-    )
-    h.pool.check_passed(name, time.monotonic(), vitals)
-    h.app.pool_changed()
 
 
 async def post(h: Harness) -> tuple[int, str | None, dict[str, object]]:

@@ -21,15 +21,17 @@ from inferno.http import (
     connect_websocket,
     serve,
 )
-from tests.proxy.test_forward_queue import health_checks, reserved_port, until
 from tests.proxy.upstreams import (
     IO_TIMEOUT,
     Backend,
     Harness,
     echo,
+    health_checks,
     proxied,
     refused_address,
+    reserved_port,
     status,
+    until,
     ws_echo,
 )
 

@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+from inferno_health.checkers import HTTPChecker
 from inferno_proxy.auth import ApiKeys, RateLimits
 from inferno_proxy.budget import RetryBudget
 from inferno_proxy.forward import ForwardSettings, ServiceApp
+from inferno_proxy.healthloop import ChangeReporter, HealthLoop
 from inferno_proxy.nodes import PoolSettings
 from inferno_proxy.policies import RoundRobin, RoutingPolicy
 from inferno_proxy.pool import Pool
@@ -41,7 +43,7 @@ from inferno.http import (
 )
 from inferno.http.client import HTTPClient
 from inferno.metrics import Registry
-from inferno.protocol import Registration
+from inferno.protocol import NodeVitals, Registration
 
 IO_TIMEOUT = 10.0  # seconds a test waits for something before failing instead of hanging
 
@@ -440,3 +442,51 @@ async def proxied(
         async with harness.client:
             yield harness
         tg.cancel_scope.cancel()
+
+
+# --- waiting on the proxy, nodes that are down or out -------------------------------------
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait, bounded, for something the proxy does on its own (no event to wait on)."""
+    with anyio.fail_after(IO_TIMEOUT):
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(0.002)
+
+
+def reserved_port() -> socket.socket:
+    """A loopback port bound with ``SO_REUSEPORT`` but not listening: connections are
+    refused until a server listens there too (``serve(..., reuse_port=True)``)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@asynccontextmanager
+async def health_checks(h: Harness) -> AsyncIterator[None]:
+    """Real ``http`` checks of the harness's pool, round after round, telling its app."""
+    checker = HTTPChecker()
+    reporter = ChangeReporter(h.pool, Registry(), on_change=h.app.pool_changed)
+    loop = HealthLoop(h.pool, checker=checker, interval=0.02, timeout=1.0, reporter=reporter)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(loop.run)
+            yield
+            tg.cancel_scope.cancel()
+    finally:
+        await checker.aclose()
+
+
+def not_ready(h: Harness, name: str) -> None:
+    vitals = NodeVitals(
+        ready=False,
+        requests_in_progress=0,
+        requests_queued=0,
+        cpu_usage=0.0,
+        memory_usage=0.0,
+        uptime_seconds=1.0,
+        version="test",
+    )
+    h.pool.check_passed(name, time.monotonic(), vitals)
+    h.app.pool_changed()
