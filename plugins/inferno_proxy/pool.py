@@ -34,6 +34,7 @@ registration (:meth:`Pool.tick`), or when it deregisters.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Final
 
 from inferno.errors import ValidationError
@@ -107,10 +108,16 @@ class Pool:
 
     def peers(self) -> list[NodeInfo]:
         """Descriptions of every known node, backends first, then the other peers
-        (``GET /peers``, the registration answer)."""
-        return [node.info for node in self._nodes.values()] + [
-            info for info, _ in self._peers.values()
+        (``GET /peers``, the registration answer), each backend with the models it
+        serves now (its vitals' or ``/v1/models`` list may differ from its
+        registration's)."""
+        backends = [
+            node.info
+            if node.models == node.info.models
+            else dataclasses.replace(node.info, models=node.models)
+            for node in self._nodes.values()
         ]
+        return backends + [info for info, _ in self._peers.values()]
 
     def describe(self, now: float) -> list[dict[str, Any]]:
         """``GET /backends``: every backend's state, explained (see :meth:`Node.describe`)."""

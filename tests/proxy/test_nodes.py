@@ -123,6 +123,16 @@ def test_peers_lists_every_node_and_only_backends_are_routed() -> None:
     assert [d["id"] for d in pool.describe(1.0)] == ["b1"]
 
 
+def test_peers_carry_the_models_a_backend_serves_now() -> None:
+    pool = Pool()
+    pool.add_static("127.0.0.1:9000", 0.0)
+    pool.set_models("127.0.0.1:9000", ("read-from-the-node",), 1.0)
+    assert [p.models for p in pool.peers()] == [("read-from-the-node",)]
+    node = pool.get("127.0.0.1:9000")
+    assert node is not None
+    assert node.info.models == ()  # what it was configured with stays
+
+
 def test_other_node_types_are_peers_kept_while_they_announce() -> None:
     pool = Pool()
     pool.register(registration("b1"), 0.0)
