@@ -52,15 +52,12 @@ closes, so none outlives it.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import logging
-import os
 import pickle
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,7 +67,7 @@ import anyio
 import anyio.abc
 
 from inferno.config import Config
-from inferno.errors import InfernoError
+from inferno.errors import InfernoError, find_exception
 from inferno.http import ServerInfo
 from inferno.logs import LEVELS, JSONFormatter
 from inferno.metrics import Registry
@@ -91,17 +88,17 @@ from inferno_proxy.settings import ProxySettings
 from inferno_proxy.sharedlimits import LimitLedger
 from inferno_proxy.staticnodes import add_static_backends
 from inferno_proxy.workermetrics import WorkersOpsApp, count_backoff
+from inferno_proxy.workerspawn import (
+    WorkerFailed,
+    describe_exit,
+    end_process,
+    reserve_port,
+    signal_process,
+    worker_command,
+)
 from inferno_proxy.workerwire import Channel, ChannelClosed, WorkerBoot
 
-__all__ = [
-    "Supervisor",
-    "WorkerFailed",
-    "WorkersInfo",
-    "make_boot",
-    "reserve_port",
-    "serve_workers",
-    "worker_command",
-]
+__all__ = ["Supervisor", "WorkersInfo", "make_boot", "serve_workers"]
 
 logger = logging.getLogger("inferno_proxy.workers")
 
@@ -122,74 +119,9 @@ RESTART_WINDOW: Final = 60.0
 RESTART_BACKOFF: Final = 0.2
 #: Seconds a worker may run past its drain budget before it is killed.
 EXIT_GRACE: Final = 1.0
-#: What a worker interpreter runs (``-c``); its arguments follow.
-WORKER_BOOT: Final = "from inferno_proxy.workerproc import worker_main; worker_main()"
-
-
-class WorkerFailed(InfernoError):
-    """Raised when a worker cannot start, or dies too often: the proxy stops."""
 
 
 # --- the parent's side -------------------------------------------------------------------------
-
-
-def reserve_port(host: str, port: int) -> list[socket.socket]:
-    """Bind (never listen) a ``SO_REUSEPORT`` socket on each address of *host*, one port.
-
-    :raises OSError: when the port cannot be bound (in use without
-        ``SO_REUSEPORT``, not permitted, no such address).
-    """
-    found = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_ADDRCONFIG
-    )
-    reserved: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in found:
-            if any(s.family == family and s.getsockname()[0] == address[0] for s in reserved):
-                continue  # getaddrinfo repeats an address per protocol
-            sock = socket.socket(family, kind, proto)
-            reserved.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as anyio binds
-            chosen = reserved[0].getsockname()[1] if len(reserved) > 1 else port
-            sock.bind((str(address[0]), chosen, *address[2:]))
-    except BaseException:
-        for sock in reserved:
-            sock.close()
-        raise
-    return reserved
-
-
-def worker_command(index: int, fd: int, uvloop: bool) -> list[str]:
-    """The command of worker *index*: this interpreter, its import-deciding flags, the boot.
-
-    In a ``--venv`` pex ``sys.executable`` is the pex's venv python, where
-    ``inferno_proxy`` is installed; elsewhere the venv or ``PYTHONPATH`` that
-    made it importable here does the same there.
-    """
-    if not sys.executable:
-        raise WorkerFailed("cannot start workers: this Python does not know its own executable")
-    flags = sys.flags
-    options = ["-I"] if flags.isolated else []
-    if not flags.isolated:
-        options += ["-E"] if flags.ignore_environment else []
-        options += ["-s"] if flags.no_user_site else []
-        options += ["-P"] if getattr(flags, "safe_path", False) else []
-    options += ["-S"] if flags.no_site else []
-    options += ["-B"] if flags.dont_write_bytecode else []
-    parent = str(os.getpid())
-    return [
-        sys.executable,
-        *options,
-        "-c",
-        WORKER_BOOT,
-        parent,
-        str(fd),
-        str(index),
-        str(int(uvloop)),
-    ]
 
 
 @dataclass(eq=False)
@@ -313,7 +245,7 @@ class Supervisor:
                     await stop.wait()
                     self._stopping = True
                     for worker in list(self.workers.values()):
-                        _signal(worker.process, signal.SIGTERM)
+                        signal_process(worker.process, signal.SIGTERM)
                 loops.cancel_scope.cancel()
         finally:
             for sock in reserved:
@@ -328,10 +260,10 @@ class Supervisor:
             started = started or ready
             if self.stopping():
                 level = logging.INFO if status == 0 else logging.WARNING
-                logger.log(level, "proxy worker %d exited (%s)", index, _describe(status))
+                logger.log(level, "proxy worker %d exited (%s)", index, describe_exit(status))
                 return
             if not started:
-                raise WorkerFailed(failure or f"proxy worker {index} {_describe(status)}")
+                raise WorkerFailed(failure or f"proxy worker {index} {describe_exit(status)}")
             now = time.monotonic()
             deaths.append(now)
             while deaths and deaths[0] < now - RESTART_WINDOW:
@@ -339,10 +271,12 @@ class Supervisor:
             if len(deaths) > MAX_RESTARTS:
                 raise WorkerFailed(
                     f"proxy worker {index} died {len(deaths)} times within "
-                    f"{RESTART_WINDOW:g}s, last {_describe(status)}: giving up"
+                    f"{RESTART_WINDOW:g}s, last {describe_exit(status)}: giving up"
                 )
             backoff = RESTART_BACKOFF * 2 ** (len(deaths) - 1)
-            logger.error("proxy worker %d %s; restarting in %gs", index, _describe(status), backoff)
+            logger.error(
+                "proxy worker %d %s; restarting in %gs", index, describe_exit(status), backoff
+            )
             await anyio.sleep(backoff)
 
     async def _run_one(
@@ -381,11 +315,11 @@ class Supervisor:
                     listening.set()
                 elif not worker.settled.is_set():
                     worker.failure = f"proxy worker {index} did not listen within {START_TIMEOUT}s"
-                    _signal(process, signal.SIGKILL)
+                    signal_process(process, signal.SIGKILL)
             status = await process.wait()
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await _end(process, EXIT_GRACE)
+                await end_process(process, EXIT_GRACE)
             raise
         finally:
             channel.close()
@@ -402,7 +336,7 @@ class Supervisor:
                 self._take(worker, message)
         except (ValueError, pickle.UnpicklingError) as exc:
             logger.error("proxy worker %d sent a bad message: %s", worker.index, exc)
-            _signal(worker.process, signal.SIGKILL)
+            signal_process(worker.process, signal.SIGKILL)
         finally:
             worker.settled.set()  # it will never listen now
 
@@ -444,7 +378,7 @@ class Supervisor:
             if worker.process.returncode is None and not self._stopping:
                 logger.error("proxy worker %d does not read its channel (%s): killing it",
                              worker.index, exc)  # fmt: skip
-                _signal(worker.process, signal.SIGKILL)
+                signal_process(worker.process, signal.SIGKILL)
 
     def _publish(self, *, always: bool = False) -> int:
         """Send the pool's delta to every worker (*always*: even an empty one); its version."""
@@ -504,29 +438,6 @@ class Supervisor:
                 if figures != worker.peers_sent or charge is not None:
                     worker.peers_sent = figures
                     self._send(worker, ("peers", *figures, charge))
-
-
-def _signal(process: anyio.abc.Process, signum: signal.Signals) -> None:
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signum)
-
-
-async def _end(process: anyio.abc.Process, grace: float) -> None:
-    """Stop a worker the proxy no longer waits for: SIGTERM, *grace*, SIGKILL."""
-    _signal(process, signal.SIGTERM)
-    with anyio.move_on_after(grace):
-        await process.wait()
-        return
-    _signal(process, signal.SIGKILL)
-    await process.wait()
-
-
-def _describe(status: int) -> str:
-    if status < 0:
-        with contextlib.suppress(ValueError):
-            return f"was killed by {signal.Signals(-status).name}"
-    return f"exited with status {status}"
 
 
 # --- the role's entry ----------------------------------------------------------------------------
@@ -634,18 +545,7 @@ async def serve_workers(
         try:
             await serve_ports(settings, ops, health, start_service, stopping, drain_budget, started)
         except Exception as exc:
-            raise _find_error(exc) or exc from None
+            raise find_exception(exc, InfernoError) or exc from None
     finally:
         await close_parts(parts)
     logger.info("proxy stopped")
-
-
-def _find_error(exc: BaseException) -> InfernoError | None:
-    """The one error of ours inside (nested) exception groups, for a one-line message."""
-    if isinstance(exc, InfernoError):
-        return exc
-    for inner in getattr(exc, "exceptions", ()):
-        found = _find_error(inner)
-        if found is not None:
-            return found
-    return None
