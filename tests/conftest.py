@@ -9,6 +9,9 @@ import pytest
 
 from inferno.plugins import get_plugin_manager
 
+#: The pex builds, shared by tests/pex and tests/e2e (see tests/pexbuild.py).
+pytest_plugins = ("tests.pexbuild",)
+
 
 @pytest.fixture
 def anyio_backend() -> str:

@@ -1,7 +1,9 @@
 """The operations port of a multi-process proxy: the workers' metrics, gathered.
 
 Each worker sends its registry's :meth:`~inferno.metrics.Registry.snapshot`
-every second; the parent's ``/telemetry`` adds them to its own metrics, each
+every second, and at once when the parent asks (it does before answering
+``/telemetry`` and ``/metrics``, so a scrape counts every request answered
+so far); the parent's ``/telemetry`` adds them to its own metrics, each
 series labelled ``worker="N"`` (sum them in queries: ``sum by (route)``), and
 its vitals count failed and backed-off answers over all workers.
 """
@@ -16,6 +18,9 @@ from inferno_proxy.ops import OpsApp
 
 __all__ = ["WorkersOpsApp", "count_backoff", "render_worker_metrics"]
 
+#: Routes that report the workers' counts (``/metrics``: failed and backed-off answers).
+_FRESH_PATHS = frozenset({"/telemetry", "/metrics"})
+
 
 class WorkersOpsApp(OpsApp):
     """The operations port of a multi-process proxy: ``/telemetry`` adds each worker's
@@ -25,10 +30,15 @@ class WorkersOpsApp(OpsApp):
     worker_metrics: Callable[[], Mapping[int, Mapping[str, Any]]] | None = None
     #: Waits until every worker applied the pool as it is now (set by the role).
     sync: Callable[[], Awaitable[None]] | None = None
+    #: Waits until every worker sent its metrics as they are now (set by the role).
+    refresh: Callable[[], Awaitable[None]] | None = None
 
     async def handle(self, request: Request) -> Response:
-        """As :meth:`OpsApp.handle`; a registration or deregistration is answered
-        once every worker's pool has it."""
+        """As :meth:`OpsApp.handle`; ``/telemetry`` and ``/metrics`` read the workers'
+        current metrics, and a registration or deregistration is answered once
+        every worker's pool has it."""
+        if self.refresh is not None and request.path in _FRESH_PATHS:
+            await self.refresh()
         response = await super().handle(request)
         if (
             self.sync is not None

@@ -268,6 +268,8 @@ class _Worker:
                 app.queue.peer_depths = message[2]
                 if message[3] is not None and app.rate_limits is not None:
                     app.rate_limits.charge(message[3], app.clock())
+            elif kind == "metrics?":
+                channel.send(("metrics", self.ctx.metrics.snapshot(), message[1]))
             elif kind == "reload":
                 self._reload_api_keys(app)
         stopping.set()  # the parent is gone: nobody keeps our pool true any more

@@ -108,6 +108,9 @@ LOAD_INTERVAL: Final = 0.1
 RESYNC_INTERVAL: Final = 1.0
 #: Longest an operations-port registration waits for the workers to apply it (seconds).
 SYNC_TIMEOUT: Final = 2.0
+#: Longest ``/telemetry`` or ``/metrics`` waits for the workers' current metrics (seconds);
+#: past it, a worker's latest periodic snapshot is used.
+METRICS_TIMEOUT: Final = 0.5
 #: Seconds a burst of changes is gathered into one delta.
 PUBLISH_GAP: Final = 0.005
 #: Seconds a worker has to start listening before it counts as failed.
@@ -134,6 +137,7 @@ class _Worker:
     failure: str = ""
     metrics: dict[str, Any] | None = None
     applied: int = 0  # the latest pool version it acknowledged
+    answered: int = 0  # the latest request for metrics it answered
     #: The others' in-flight counts and queue depths last sent to it.
     peers_sent: tuple[dict[str, int], dict[str | None, int]] | None = None
 
@@ -177,7 +181,8 @@ class Supervisor:
         self.limits = LimitLedger()
         self.workers: dict[int, _Worker] = {}
         self._dirty = anyio.Event()
-        self._acked = anyio.Event()  # set (and replaced) on each acknowledgement
+        self._acked = anyio.Event()  # set (and replaced) on each acknowledgement or answer
+        self._asked = 0  # requests for metrics sent
         self._version = 0  # of the pool state sent to the workers
         self._stopping = False
 
@@ -356,6 +361,10 @@ class Supervisor:
             self._acked = anyio.Event()
         elif kind == "metrics" and isinstance(message[1], dict):
             worker.metrics = message[1]
+            if len(message) > 2 and isinstance(message[2], int):  # an answer to fresh_metrics
+                worker.answered = message[2]
+                self._acked.set()
+                self._acked = anyio.Event()
         elif kind == "listening":
             worker.ready.set()
             worker.settled.set()
@@ -399,15 +408,34 @@ class Supervisor:
         """
         version = self._publish(always=True)
         with anyio.move_on_after(SYNC_TIMEOUT):
-            while True:
-                acked = self._acked
-                if all(
-                    w.applied >= version or not w.ready.is_set() or w.process.returncode is not None
-                    for w in self.workers.values()
-                ):
-                    return
-                await acked.wait()
+            await self._until(lambda w: w.applied >= version)
+            return
         logger.warning("workers did not apply pool version %d within %gs", version, SYNC_TIMEOUT)
+
+    async def fresh_metrics(self) -> None:
+        """Have every listening worker send its metrics now, and wait (at most
+        :data:`METRICS_TIMEOUT`) for them.
+
+        The operations port calls it before ``/telemetry`` and ``/metrics``, so
+        they count every request whose client has its answer, rather than what
+        the workers' last periodic snapshots held.
+        """
+        self._asked += 1
+        asked = self._asked
+        self._broadcast(("metrics?", asked))
+        with anyio.move_on_after(METRICS_TIMEOUT):
+            await self._until(lambda w: w.answered >= asked)
+
+    async def _until(self, done: Callable[[_Worker], bool]) -> None:
+        """Wait until *done* holds for every worker that listens and runs."""
+        while True:
+            acked = self._acked
+            if all(
+                done(w) or not w.ready.is_set() or w.process.returncode is not None
+                for w in self.workers.values()
+            ):
+                return
+            await acked.wait()
 
     async def _publish_forever(self) -> None:
         while True:
@@ -526,6 +554,7 @@ async def serve_workers(
         assert isinstance(ops, WorkersOpsApp)
         ops.worker_metrics = supervisor.worker_metrics
         ops.sync = supervisor.sync
+        ops.refresh = supervisor.fresh_metrics
 
         async def start_service(group: anyio.abc.TaskGroup, stop: anyio.Event) -> ServerInfo:
             try:

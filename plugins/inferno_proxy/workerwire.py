@@ -12,10 +12,11 @@ first item names them::
                                                             the other workers' load and
                                                             what their rate limits allowed
                        ("reload",)                          SIGHUP: read the API keys again
+                       ("metrics?", n)                      send the metrics now, answering n
     worker -> parent   ("listening", pid) | ("failed", message)
                        ("report", Report)                   its traffic (replica.Report)
                        ("limits", depths | None, Spending | None)  its queue, its limits' spending
-                       ("metrics", Registry.snapshot())     for /telemetry and vitals
+                       ("metrics", Registry.snapshot()[, n])  for /telemetry and vitals
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """Fixtures and helpers of the end-to-end tests: real processes from the built pex.
 
-The pex is the one ``tests/pex`` builds (``build_pex.py`` as a user runs it,
-from a snapshot of the working tree); its fixtures are imported here, not
-copied.  pytest keys a fixture's cache by where it is defined as well, so a
-run of both ``tests/e2e`` and ``tests/pex`` builds the pex once for each
-directory; a run of ``tests/e2e`` alone builds it once.
+The pex is the one ``tests/pex`` uses (``build_pex.py`` as a user runs it,
+from a snapshot of the working tree): :mod:`tests.pexbuild` builds it once
+per session for both.
 
 Each node runs as ``inferno.pex <role> ... --log-format json`` through the
 pex's own ``/bin/sh`` boot (as the README runs it) with a private
@@ -29,14 +27,7 @@ import anyio.abc
 import pytest
 
 from inferno.http import HTTPClient
-from tests.pex.conftest import (  # the session's pex build, shared with tests/pex
-    BUILD_TIMEOUT_S,
-    RUN_TIMEOUT_S,
-    Build,
-    clean_env,
-    plain_build,
-    snapshot,
-)
+from tests.pexbuild import BUILD_TIMEOUT_S, RUN_TIMEOUT_S, Build, clean_env
 
 __all__ = [
     "BUILD_TIMEOUT_S",
@@ -45,9 +36,7 @@ __all__ = [
     "Pex",
     "eventually",
     "pex",
-    "plain_build",
     "pool",
-    "snapshot",
     "start",
     "telemetry_total",
 ]

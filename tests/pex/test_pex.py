@@ -1,6 +1,6 @@
 """End-to-end tests of dist/inferno.pex as built by build_pex.py and run as real processes.
 
-The pexes are built once per session (see conftest.py); each supported CPython
+The pexes are built once per session (see tests/pexbuild.py); each supported CPython
 found on the machine runs them with its own PEX_ROOT.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import (
+from tests.pexbuild import (
     BUILD_TIMEOUT_S,
     HELLO_PLUGIN,
     SUPPORTED_MINORS,

@@ -309,7 +309,8 @@ async def test_telemetry_gathers_every_workers_metrics() -> None:
                 int(n) for _, n in served
             ) == REQUESTS
 
-        await eventually(both_counted)
+        # At once: the parent asks the workers for their counts before answering.
+        assert await both_counted()
         proxy.process.send_signal(signal.SIGTERM)
         with anyio.fail_after(WAIT):
             assert await proxy.process.wait() == 0, proxy.messages()

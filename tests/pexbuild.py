@@ -1,4 +1,10 @@
-"""Fixtures for the pex tests: the pexes, built once per session, and the interpreters to run them.
+"""Fixtures for the pex and end-to-end tests: the pexes, built once per session, and
+the interpreters to run them.
+
+A pytest plugin (``pytest_plugins`` in ``tests/conftest.py``), not a
+directory's conftest: pytest caches a fixture per place it is defined, so
+``tests/pex`` and ``tests/e2e`` share one build only if both find the same
+definition.
 
 Every build runs ``build_pex.py`` as a user would, from a snapshot of the
 working tree taken once per session: the files cannot change between the
@@ -23,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
+HERE = REPO / "tests" / "pex"
 #: The third-party plugin fixture: distribution inferno-hello-plugin, package inferno_hello.
 HELLO_PLUGIN = REPO / "tests" / "fixtures" / "thirdparty_plugin"
 #: One distribution offering two roles, ``left`` (which also needs inferno_pairlib) and ``right``.
