@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Final
@@ -51,8 +52,10 @@ __all__ = [
     "MAX_WORKERS",
     "PROXY_SECTION",
     "SECRET_SETTINGS",
+    "HeaderField",
     "ProxySettings",
     "WorkerCount",
+    "response_fields",
 ]
 
 DEFAULT_PORT: Final = 8080  # the service port clients send inference requests to
@@ -67,6 +70,64 @@ _SHORTEST_INTERVAL: Final = 0.01  # seconds; below this a check loop would only 
 #: Most worker processes: far above any machine's cores, low enough that a typo
 #: (``--workers 10000``) is refused rather than forking the machine to death.
 MAX_WORKERS: Final = 1024
+
+
+#: Fields a configuration may not set on responses: the server frames each
+#: message and owns the connection, and the request id is the proxy's.
+_RESERVED_RESPONSE_FIELDS: Final = frozenset(
+    {
+        "connection",
+        "content-length",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "x-request-id",
+    }
+)
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE: Final = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderField:
+    """A ``Name: value`` response field, parsed to ``(name, value)`` (RFC 9110 syntax)."""
+
+    metavar: ClassVar[str] = "'NAME: VALUE'"
+
+    def parse(self, raw: object) -> tuple[str, str]:
+        if not isinstance(raw, str):
+            raise ValueError(f"expected a 'Name: value' string, got {type(raw).__name__}")
+        name, colon, value = raw.partition(":")
+        name, value = name.strip(), value.strip()
+        if not colon or not name:
+            raise ValueError(f"{raw!r} is not 'Name: value'")
+        if not _TOKEN.fullmatch(name):
+            raise ValueError(f"{name!r} is not a valid field name")
+        if name.lower() in _RESERVED_RESPONSE_FIELDS:
+            raise ValueError(f"{name!r} is set by the proxy itself")
+        if not _FIELD_VALUE.fullmatch(value):
+            raise ValueError(f"the value of {name!r} holds a control character")
+        return name, value
+
+    def describe(self) -> str:
+        return "'Name: value' (a field name the proxy does not set itself, a printable value)"
+
+    def render(self, value: Any) -> TomlValue:
+        name, text = value
+        return f"{name}: {text}"
+
+
+def response_fields(
+    fixed: tuple[tuple[str, str], ...], configured: tuple[tuple[str, str], ...]
+) -> tuple[tuple[str, str], ...]:
+    """*fixed* fields, then *configured* ones, a configured name replacing a fixed one
+    (names compared without case; the last of a repeated configured name wins)."""
+    chosen = {name.lower(): (name, value) for name, value in configured}
+    kept = tuple(field for field in fixed if field[0].lower() not in chosen)
+    return kept + tuple(chosen.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +241,13 @@ PROXY_SECTION: Final = Section(
             Bool(),
             True,
             "add nosniff, frame and referrer security headers to every response",
+        ),
+        Setting(
+            "response_headers",
+            ListOf(HeaderField()),
+            (),
+            "'Name: value' fields set on every response, replacing a node's own and the"
+            " security headers of the same name (e.g. Strict-Transport-Security)",
         ),
         Setting(
             "trust_forwarded_headers",
@@ -379,6 +447,7 @@ class ProxySettings:
     rate_limit_per_ip: float = 0.0
     rate_limit_burst: float = 20.0
     security_headers: bool = True
+    response_headers: tuple[tuple[str, str], ...] = ()
     trust_forwarded_headers: bool = False
     policy: str = "least_requests"
     max_ejection_percent: float = 50.0
@@ -461,7 +530,9 @@ class ProxySettings:
             max_attempts=self.max_attempts,
             queue_timeout=self.queue_timeout,
             max_queue=self.max_queue,
-            security_headers=DEFAULT_SECURITY_HEADERS if self.security_headers else (),
+            security_headers=response_fields(
+                DEFAULT_SECURITY_HEADERS if self.security_headers else (), self.response_headers
+            ),
             trust_forwarded_headers=self.trust_forwarded_headers,
             max_body_bytes=self.max_body_bytes,
         )

@@ -16,6 +16,7 @@ import openai
 import pytest
 from inferno_proxy.forward import DEFAULT_SECURITY_HEADERS, ForwardSettings
 from inferno_proxy.policies import Affinity
+from inferno_proxy.settings import HeaderField, ProxySettings, response_fields
 
 from inferno.http.client_errors import RemoteProtocolError
 from tests.proxy.upstreams import (
@@ -265,6 +266,51 @@ async def test_errors_made_by_the_proxy_carry_security_headers_and_the_request_i
         assert response.status == 404
         assert response.headers.get("x-request-id") == "mine"
         assert response.headers.get("x-content-type-options") == "nosniff"
+
+
+async def test_configured_response_headers_replace_the_nodes_and_the_security_ones() -> None:
+    fields = (
+        ("Strict-Transport-Security", "max-age=63072000"),
+        ("X-Content-Type-Options", "nosniff"),  # a node's own is replaced
+        ("x-frame-options", "SAMEORIGIN"),  # a security header, changed
+    )
+    settings = ProxySettings(response_headers=fields).forward_settings()
+    async with proxied(Backend("a", echo, models=("alpha",)), settings=settings) as h:
+        served = await h.client.request("POST", f"{h.url}/v1/x", headers=JSON, body=chat("alpha"))
+        refused = await h.client.request("POST", f"{h.url}/v1/x", headers=JSON, body=chat("nope"))
+        for response, status in ((served, 200), (refused, 404)):
+            assert response.status == status
+            headers = response.headers
+            assert headers.get_all("strict-transport-security") == ["max-age=63072000"]
+            assert headers.get_all("x-content-type-options") == ["nosniff"]
+            assert headers.get_all("x-frame-options") == ["SAMEORIGIN"]
+            assert headers.get("referrer-policy") == "no-referrer"  # the rest stay
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ("no colon", "is not 'Name: value'"),
+        (": value", "is not 'Name: value'"),
+        ("bad name: x", "'bad name' is not a valid field name"),
+        ("Content-Length: 5", "'Content-Length' is set by the proxy itself"),
+        ("X-Request-Id: mine", "is set by the proxy itself"),
+        ("X-A: line\r\nInjected: 1", "holds a control character"),
+    ],
+)
+def test_a_bad_response_header_is_refused(raw: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        HeaderField().parse(raw)
+
+
+def test_response_header_fields_render_as_they_parse() -> None:
+    field = HeaderField()
+    assert field.parse(" Cache-Control :  no-store ") == ("Cache-Control", "no-store")
+    assert field.parse(field.render(("X-A", "b: c"))) == ("X-A", "b: c")
+    assert response_fields((("x-a", "1"), ("x-b", "2")), (("X-B", "3"), ("x-b", "4"))) == (
+        ("x-a", "1"),
+        ("x-b", "4"),
+    )
 
 
 async def test_a_stream_broken_after_its_first_chunk_is_cut_short_for_the_client() -> None:

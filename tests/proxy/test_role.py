@@ -315,6 +315,7 @@ def test_what_counts_as_loopback(host: str, loopback: bool) -> None:
         (["--backends", "nohost"], "proxy.backends"),
         (["--health-interval", "0s"], "proxy.health_interval"),
         (["--api-keys", "/nonexistent/keys.txt"], "proxy.api_keys"),
+        (["--response-headers", "X-A: 1, Transfer-Encoding: gzip"], "proxy.response_headers"),
     ],
 )
 def test_bad_settings_exit_2_naming_the_key(
