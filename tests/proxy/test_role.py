@@ -42,7 +42,7 @@ from inferno.plugins import get_plugin_manager
 
 pytestmark = pytest.mark.anyio
 
-WAIT = 60.0  # seconds a test waits for what must happen before failing instead of hanging
+WAIT = 45.0  # seconds a test waits for what must happen before failing instead of hanging
 ROOT = Path(__file__).resolve().parents[2]
 LISTENING = re.compile(r"proxy listening on ([\d.]+):(\d+) \(ops ([\d.]+):(\d+)\)")
 SECRET = "role-test-secret"
