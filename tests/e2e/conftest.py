@@ -156,17 +156,23 @@ async def start(pex: Pex, name: str, *args: str) -> AsyncIterator[Node]:
         env=dict(pex.env),
     )
     node = Node(name, process)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_read_log, node)
-        try:
-            yield node
-        finally:
-            with anyio.CancelScope(shield=True):
-                if process.returncode is None:
-                    with suppress(ProcessLookupError):
-                        os.kill(process.pid, signal.SIGKILL)
-                    await process.wait()
-            tg.cancel_scope.cancel()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_read_log, node)
+            try:
+                yield node
+            finally:
+                with anyio.CancelScope(shield=True):
+                    if process.returncode is None:
+                        with suppress(ProcessLookupError):
+                            os.kill(process.pid, signal.SIGKILL)
+                        await process.wait()
+                tg.cancel_scope.cancel()
+    finally:
+        # Its stderr may outlive it (a proxy's workers hold it until they notice):
+        # closed here, not left to the garbage collector's ResourceWarning.
+        with anyio.CancelScope(shield=True):
+            await process.aclose()
 
 
 async def pool(http: HTTPClient, proxy: Node) -> dict[str, dict[str, Any]]:

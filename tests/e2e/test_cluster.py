@@ -327,8 +327,9 @@ async def test_up_from_the_pex_starts_the_cluster_and_ctrl_c_stops_it(pex: Pex) 
         with anyio.fail_after(WAIT):
             status = await process.wait()
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        with anyio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            await process.aclose()
     assert status == 0
     assert not [name for name, (_, pid) in nodes.items() if running(pid)]

@@ -174,21 +174,25 @@ async def running_up(*args: str, env: dict[str, str] | None = None) -> AsyncIter
     environ = {**clean_env(), **(env or {})}
     process = await anyio.open_process(command, stdin=subprocess.DEVNULL, env=environ, cwd=ROOT)
     up = Up(process)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_read_stdout, up)
-        tg.start_soon(_read_stderr, up)
-        try:
-            yield up
-        finally:
-            with anyio.CancelScope(shield=True):
-                # A failed test must not leave processes behind either.
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
-                for node in up.nodes.values():
-                    with suppress(ProcessLookupError):
-                        os.kill(node.pid, signal.SIGKILL)
-            tg.cancel_scope.cancel()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_read_stdout, up)
+            tg.start_soon(_read_stderr, up)
+            try:
+                yield up
+            finally:
+                with anyio.CancelScope(shield=True):
+                    # A failed test must not leave processes behind either.
+                    if process.returncode is None:
+                        process.kill()
+                        await process.wait()
+                    for node in up.nodes.values():
+                        with suppress(ProcessLookupError):
+                            os.kill(node.pid, signal.SIGKILL)
+                tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await process.aclose()  # its pipes, which children may still hold
 
 
 def started_pids(up: Up) -> dict[str, int]:
