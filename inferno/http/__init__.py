@@ -48,6 +48,7 @@ from inferno.http.websocket import (
     WebSocketClosed,
     WebSocketError,
     WebSocketHandshakeError,
+    WebSocketTimeout,
     connect_websocket,
 )
 
@@ -85,6 +86,7 @@ __all__ = [
     "WebSocketClosed",
     "WebSocketError",
     "WebSocketHandshakeError",
+    "WebSocketTimeout",
     "WriteError",
     "WriteTimeout",
     "connect_websocket",

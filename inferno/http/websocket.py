@@ -48,6 +48,7 @@ __all__ = [
     "WebSocketClosed",
     "WebSocketError",
     "WebSocketHandshakeError",
+    "WebSocketTimeout",
     "accept_token",
     "connect_websocket",
     "run_server_session",
@@ -81,6 +82,18 @@ class WebSocketClosed(WebSocketError):
         super().__init__(f"WebSocket closed ({code}{': ' + reason if reason else ''})")
         self.code = code
         self.reason = reason
+
+
+class WebSocketTimeout(WebSocketError):
+    """Raised when a server took the connection but did not answer the upgrade in time.
+
+    Distinct from failing to connect at all (a plain temporary
+    :class:`WebSocketError`): a proxy waits for an unreachable node to come
+    back, not for one that is reachable but stalled.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, temporary=True)
 
 
 class WebSocketHandshakeError(WebSocketError):
@@ -364,16 +377,21 @@ async def connect_websocket(
     headers: Iterable[tuple[str, str]] | None = None,
     ssl_context: ssl.SSLContext | None = None,
     timeout: float = 10.0,  # noqa: ASYNC109  # one bound over connect, TLS and handshake
+    connect_timeout: float | None = None,
     subprotocols: Iterable[str] = (),
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> WebSocket:
     """Open a WebSocket to ``url`` (``ws://``, ``wss://``; ``http(s)://`` also accepted).
 
-    ``timeout`` bounds connecting, TLS and the opening handshake together.
+    ``timeout`` bounds connecting, TLS and the opening handshake together;
+    ``connect_timeout``, when given, bounds the TCP connect alone as well.
 
     :raises WebSocketHandshakeError: when the server answers with an HTTP status.
-    :raises WebSocketError: when the connection or handshake fails (``temporary``
-        for network errors and timeouts, not for TLS or protocol errors).
+    :raises WebSocketTimeout: when the server took the connection but the
+        handshake did not finish within ``timeout``.
+    :raises WebSocketError: when the connection or handshake fails otherwise
+        (``temporary`` for network errors and a connect timeout, not for TLS or
+        protocol errors).
     :raises ValueError: for a URL that is not a WebSocket URL.
     """
     parts = urlsplit(url)
@@ -386,9 +404,12 @@ async def connect_websocket(
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     authority = parts.netloc.rpartition("@")[2]
     extra = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers or ()]
+    connected = False
     try:
         with anyio.fail_after(timeout):
-            tcp = await anyio.connect_tcp(host, port)
+            with anyio.fail_after(connect_timeout):  # None: no bound of its own
+                tcp = await anyio.connect_tcp(host, port)
+            connected = True
             try:
                 tcp.extra(anyio.abc.SocketAttribute.raw_socket).setsockopt(
                     socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
@@ -412,7 +433,9 @@ async def connect_websocket(
                     await tcp.aclose()
                 raise
     except TimeoutError:
-        raise WebSocketError(f"timed out opening {url}", temporary=True) from None
+        if not connected:
+            raise WebSocketError(f"timed out connecting to {url}", temporary=True) from None
+        raise WebSocketTimeout(f"timed out opening {url}") from None
     except ssl.SSLError as exc:
         raise WebSocketError(f"TLS failed with {url}: {exc}") from exc
     except (OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:

@@ -6,13 +6,14 @@ node, within ``max_attempts`` and the retry budget) and a final refusal
 reaches the client as an HTTP answer rather than a WebSocket that opens and
 closes at once.  The client's subprotocol offer goes to the node and the
 node's choice comes back in our ``101``.  When every node tried was
-unreachable (connect refused, reset or closed before an answer) and no
-attempt is left, the upgrade waits for a node to come back, as a request does
-("Unreachable nodes" in :mod:`~inferno_proxy.selection`), for what is left of
-``queue_timeout`` since it arrived.  A node that answered the handshake with
-an HTTP status is not waited for: its refusal is passed on.  Nor is one that
-timed out: the handshake shares its deadline with connecting, so a timeout
-may come from a node that accepted the connection and never answered.
+unreachable (connect refused or timed out after ``connect_timeout``, reset
+or closed before an answer) and no attempt is left, the upgrade waits for a
+node to come back, as a request does ("Unreachable nodes" in
+:mod:`~inferno_proxy.selection`), for what is left of ``queue_timeout`` since
+it arrived.  A node that answered the handshake with an HTTP status is not
+waited for: its refusal is passed on.  Nor is one that took the connection
+and did not answer the handshake within ``first_byte_timeout``: like a
+request's first-byte timeout, a stalled node is not worth waiting for.
 
 Once both are open, two pumps copy messages (text stays text, binary stays
 binary) until one side closes; its close code and reason are passed to the
@@ -47,6 +48,7 @@ from inferno.http import (
     WebSocketClosed,
     WebSocketError,
     WebSocketHandshakeError,
+    WebSocketTimeout,
     connect_websocket,
 )
 from inferno_proxy.forward import RETRY_STATUSES
@@ -165,6 +167,7 @@ async def open_relay(app: ServiceApp, exchange: Exchange) -> Response:
                 f"ws://{node.address}{exchange.target}",
                 headers=headers,
                 timeout=settings.connect_timeout + settings.first_byte_timeout,
+                connect_timeout=settings.connect_timeout,
                 subprotocols=offered,
                 max_message_bytes=settings.max_websocket_message_bytes,
             )
@@ -180,8 +183,9 @@ async def open_relay(app: ServiceApp, exchange: Exchange) -> Response:
         except WebSocketError as exc:
             app.finish(lease, Outcome.TRANSPORT_FAILURE, str(exc))
             retryable = exc.temporary
-            unreachable = unreachable and retryable and not _timed_out(exc)
-            reason = "connect"
+            # A handshake that timed out reached a node that is not worth waiting for.
+            unreachable = unreachable and retryable and not isinstance(exc, WebSocketTimeout)
+            reason = "timeout" if isinstance(exc, WebSocketTimeout) else "connect"
             answer = HTTPError(
                 503 if retryable else 502,
                 f"cannot open a WebSocket to {node.id}: {exc}",
@@ -212,17 +216,6 @@ async def open_relay(app: ServiceApp, exchange: Exchange) -> Response:
             continue
         app.metrics.retries.labels(reason).inc()
         node = following
-
-
-def _timed_out(exc: WebSocketError) -> bool:
-    """Whether :func:`~inferno.http.connect_websocket` gave up at its deadline (it
-    raises that error while handling the :class:`TimeoutError`).
-
-    That deadline covers connecting *and* the handshake, so a timeout does not
-    tell a node that is away from one that accepted and never answered: it is not
-    counted as unreachable (a stalled node is not worth waiting for).
-    """
-    return isinstance(exc.__context__, TimeoutError)
 
 
 def _accept(app: ServiceApp, exchange: Exchange, upstream: WebSocket) -> Response:

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -31,6 +32,7 @@ from inferno.http import (
     WebSocketClosed,
     WebSocketError,
     WebSocketHandshakeError,
+    WebSocketTimeout,
     connect_websocket,
     serve,
 )
@@ -325,3 +327,23 @@ async def test_connect_errors_are_ours() -> None:
         with pytest.raises(WebSocketHandshakeError) as refused:
             await connect_websocket(f"ws://127.0.0.1:{info.port}/")
         assert refused.value.status == 200
+
+
+async def test_a_connect_timeout_is_told_from_a_handshake_timeout() -> None:
+    with socket.socket() as full, socket.socket() as filler:
+        # listen(0) with one connection waiting: the kernel drops further SYNs.
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        filler.connect(full.getsockname())
+        url = f"ws://127.0.0.1:{full.getsockname()[1]}/ws"
+        with pytest.raises(WebSocketError, match="timed out connecting") as away:
+            await connect_websocket(url, timeout=IO_TIMEOUT, connect_timeout=0.05)
+        assert away.value.temporary is True
+        assert not isinstance(away.value, WebSocketTimeout)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)  # the kernel completes connections; nobody answers
+        url = f"ws://127.0.0.1:{silent.getsockname()[1]}/ws"
+        with pytest.raises(WebSocketTimeout, match="timed out opening") as stalled:
+            await connect_websocket(url, timeout=0.1, connect_timeout=0.05)
+        assert stalled.value.temporary is True

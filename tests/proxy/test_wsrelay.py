@@ -277,6 +277,24 @@ async def test_a_node_that_never_answers_the_handshake_is_not_waited_for() -> No
             assert h.metric("inferno_proxy_queue_wait_seconds") == 0
 
 
+async def test_a_node_whose_connect_times_out_is_waited_for() -> None:
+    """Its accept queue is full (``listen(0)`` and one connection waiting), so the
+    kernel drops new SYNs: the connect times out, which is a node being away."""
+    settings = ForwardSettings(queue_timeout=0.5, connect_timeout=0.05, first_byte_timeout=5.0)
+    with socket.socket() as full, socket.socket() as filler:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        filler.connect(full.getsockname())
+        address = f"127.0.0.1:{full.getsockname()[1]}"
+        async with proxied(settings=settings, extra_nodes=[("full", address, ())]) as h:
+            refused = await refusal(h)
+            assert refused.status == 503
+            found = error(refused)
+            assert "timed out connecting" in found["message"]
+            assert "no node came back within 0.5 s" in found["message"]
+            assert h.metric("inferno_proxy_queue_wait_seconds") == 1
+
+
 def test_close_codes_that_cannot_be_sent_are_mapped() -> None:
     assert close_code(4001, lost=1011) == 4001
     assert close_code(1000, lost=1011) == 1000
