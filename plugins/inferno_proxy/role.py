@@ -260,11 +260,21 @@ def check_settings(
         problem("tls_key", "is set without tls_cert", "set tls_cert too")
     if settings.circuit_max_cooldown < settings.circuit_cooldown:
         problem("circuit_max_cooldown", "is below circuit_cooldown", "at least circuit_cooldown")
-    for address in settings.backends:
+    seen: dict[str, int] = {}
+    for position, address in enumerate(settings.backends, start=1):
         try:
-            parse_address(str(address))  # what the pool will insist on: no wildcard, a real port
+            host, port = parse_address(str(address))  # as the pool insists: a real host and port
         except ValueError as exc:
             problem("backends", str(exc), "host:port where the proxy can reach a node")
+            continue
+        node_id = format_address(host, port)
+        if node_id in seen:  # one node, two entries: which weight and models were meant?
+            problem(
+                "backends",
+                f"item {position}: {node_id} is item {seen[node_id]} again",
+                "each backend once, with all its options in one entry",
+            )
+        seen.setdefault(node_id, position)
     if problems:
         raise ConfigError(problems)
     if settings.health_timeout > settings.health_interval:

@@ -316,6 +316,7 @@ def test_what_counts_as_loopback(host: str, loopback: bool) -> None:
         (["--health-interval", "0s"], "proxy.health_interval"),
         (["--api-keys", "/nonexistent/keys.txt"], "proxy.api_keys"),
         (["--response-headers", "X-A: 1, Transfer-Encoding: gzip"], "proxy.response_headers"),
+        (["--backends", "127.0.0.1:9001,127.0.0.1:9001;weight=2"], "proxy.backends"),
     ],
 )
 def test_bad_settings_exit_2_naming_the_key(
@@ -325,6 +326,13 @@ def test_bad_settings_exit_2_naming_the_key(
     err = capsys.readouterr().err
     assert f"{key} (" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.usefixtures("clean_inferno_env")
+def test_a_backend_listed_twice_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--backends", "localhost:9001,127.0.0.1:9002, localhost:9001;model=m"]
+    assert main(["proxy", "--port=0", "--ops-port=0", *args]) == 2
+    assert "item 3: localhost:9001 is item 1 again" in capsys.readouterr().err
 
 
 @pytest.mark.usefixtures("clean_inferno_env")
