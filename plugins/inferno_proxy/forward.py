@@ -72,21 +72,16 @@ from inferno.errors import HTTPError
 from inferno.http import (
     ClientError,
     ClientResponse,
-    ClientTimeout,
-    ConnectError,
     HTTPClient,
-    PoolTimeout,
-    ReadError,
-    RemoteProtocolError,
     Request,
     Response,
     Timeouts,
-    WriteError,
 )
 from inferno.http.websocket import DEFAULT_MAX_MESSAGE_BYTES
 from inferno.metrics import Registry
+from inferno_proxy.attempts import Failed, error_outcome, first_byte_timeout, judge_failure
 from inferno_proxy.auth import ApiKeys, RateLimits
-from inferno_proxy.budget import RetryBudget, retry_after_header
+from inferno_proxy.budget import RetryBudget
 from inferno_proxy.modelmemory import ModelMemory
 from inferno_proxy.nodes import Lease, Node, NodeChange, Outcome
 from inferno_proxy.policies import RoutingPolicy
@@ -109,7 +104,6 @@ DEFAULT_SECURITY_HEADERS: Final = (
     ("referrer-policy", "no-referrer"),
 )
 RETRY_STATUSES: Final = frozenset({429, 502, 503})  # the node refused or failed before answering
-FAILED_RETRY_AFTER: Final = 1.0  # seconds, Retry-After of a 503 when every node tried failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,25 +164,6 @@ class ForwardSettings:
         for name in ("max_body_bytes", "max_websocket_message_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-
-
-@dataclass(slots=True)
-class _Failed:
-    """An attempt that failed before any byte went to the client."""
-
-    status: int  # what the client gets if no other node is tried
-    message: str
-    code: str
-    retryable: bool
-    reason: str  # metrics label
-    opened: Opened | None = None  # an upstream answer (429/502/503) to pass on instead
-    unreachable: bool = False  # connect refused or timed out, reset: the node, not the request
-
-    def error(self) -> HTTPError:
-        headers = [("retry-after", retry_after_header(FAILED_RETRY_AFTER))]
-        return HTTPError(
-            self.status, self.message, code=self.code, headers=headers if self.status == 503 else []
-        )
 
 
 class ServiceApp(NodeSelection):
@@ -437,7 +412,7 @@ class ServiceApp(NodeSelection):
 
     async def _attempt(
         self, exchange: Exchange, node: Node, headers: list[tuple[bytes, bytes]], body: bytes | None
-    ) -> Response | _Failed:
+    ) -> Response | Failed:
         """One try on one node: a response to relay, or why it failed before any byte went out."""
         lease = self.pool.start(node, self.clock())
         cm = self.client.stream(
@@ -453,8 +428,8 @@ class ServiceApp(NodeSelection):
             with anyio.move_on_after(self.first_byte_limit):
                 opened = await self._open(cm, lease)
         except ClientError as exc:
-            failed = _failure(exc, node)
-            self.finish(lease, _error_outcome(exc), str(exc))
+            failed = judge_failure(exc, node)
+            self.finish(lease, error_outcome(exc), str(exc))
             await close_stream(cm)
             return failed
         except BaseException:
@@ -464,10 +439,10 @@ class ServiceApp(NodeSelection):
         if opened is None:  # first_byte_limit passed
             self.finish(lease, Outcome.TRANSPORT_FAILURE, "first byte timeout")
             await close_stream(cm)
-            return _first_byte_timeout(node, self.settings.first_byte_timeout)
+            return first_byte_timeout(node, self.settings.first_byte_timeout)
         status = opened.response.status
         if status in RETRY_STATUSES:
-            return _Failed(
+            return Failed(
                 status,
                 f"{node.id} answered {status}",
                 "upstream_unavailable",
@@ -519,46 +494,3 @@ class ServiceApp(NodeSelection):
     def request_done(self) -> None:
         """A streamed response ended (called by its :class:`~inferno_proxy.relay.Relay`)."""
         self._in_flight -= 1
-
-
-def _error_outcome(exc: ClientError) -> Outcome:
-    # A full pool is our own limit, not the node's fault.
-    return Outcome.NEUTRAL if isinstance(exc, PoolTimeout) else Outcome.TRANSPORT_FAILURE
-
-
-def _failure(exc: ClientError, node: Node) -> _Failed:
-    """What a client error before the first byte means for the request."""
-    if isinstance(exc, (ConnectError, PoolTimeout)):  # nothing was sent: try elsewhere
-        # A full connection pool is our own limit, not the node being away.
-        unreachable = not isinstance(exc, PoolTimeout)
-        return _Failed(
-            503,
-            f"cannot reach {node.id}: {exc}",
-            "no_healthy_upstream",
-            True,
-            "connect",
-            unreachable=unreachable,
-        )
-    if isinstance(exc, ClientTimeout):
-        return _Failed(504, f"{node.id} timed out: {exc}", "upstream_timeout", False, "timeout")
-    if isinstance(exc, (ReadError, WriteError, RemoteProtocolError)):
-        temporary = exc.temporary  # a reset or a close without an answer
-        return _Failed(
-            502,
-            f"{node.id} failed: {exc}",
-            "bad_gateway",
-            temporary,
-            "reset",
-            unreachable=temporary,
-        )
-    return _Failed(502, f"cannot forward to {node.id}: {exc}", "bad_gateway", False, "error")
-
-
-def _first_byte_timeout(node: Node, limit: float) -> _Failed:
-    return _Failed(
-        504,
-        f"{node.id} did not start its response (head and first chunk) within {limit:g} s",
-        "upstream_timeout",
-        False,
-        "timeout",
-    )
