@@ -143,7 +143,7 @@ async def run(ctx: RoleContext) -> None:
     try:
         async with anyio.create_task_group() as tg:
             if count > 1:
-                from inferno_proxy.workers import WorkersInfo, make_boot, serve_workers
+                from inferno_proxy.workersrole import WorkersInfo, make_boot, serve_workers
 
                 workers: WorkersInfo = await tg.start(
                     functools.partial(
