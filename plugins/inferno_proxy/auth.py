@@ -229,6 +229,24 @@ class Spending(NamedTuple):
             for key, tokens in theirs.items():
                 mine[key] = mine.get(key, 0.0) + tokens
 
+    def minus(self, own: Spending | None) -> Spending:
+        """These tokens without *own*'s (keys left with none dropped): what the other
+        processes spent, when these are everyone's and *own* one process's part."""
+        if own is None:
+            return self
+        parts = []
+        for everyone, mine in ((self.per_key, own.per_key), (self.per_ip, own.per_ip)):
+            if not mine:
+                parts.append(everyone)
+                continue
+            rest: dict[str, float] = {}
+            for key, tokens in everyone.items():
+                left = tokens - mine.get(key, 0.0)
+                if left > 0.0:
+                    rest[key] = left
+            parts.append(rest)
+        return Spending(parts[0], parts[1])
+
 
 @dataclass(frozen=True, slots=True)
 class RateLimits:

@@ -10,9 +10,14 @@ against its own limits::
     worker i -> parent   ("limits", depths | None, Spending | None)
                            its queue depths when they changed, what its
                            rate limiters allowed since its previous report
-    parent -> worker i   ("peers", in flight, LimitLedger.others_depths(i),
-                           LimitLedger.hand_out()[i])
-                           every LOAD_INTERVAL, with the others' in-flight counts
+    parent -> worker i   ("peers", in flight, LimitLedger.others_depths(i), own_i)
+                         ("charge", total)          (total, own) = LimitLedger.hand_out()
+                           every LOAD_INTERVAL, with the others' in-flight counts;
+                           the worker charges total less its own share
+
+The parent adds the workers' spending once and pickles the total once for
+every worker; each worker takes its own share out itself, so the parent's
+work per interval grows with the keys spent, not with keys times workers.
 
 Per-request work stays in the worker (a dictionary update per allowed
 request); the exchange costs a few small messages per worker and interval,
@@ -33,7 +38,7 @@ This module is the parent's pure bookkeeping (no I/O, no clock).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from inferno_proxy.auth import Spending
 
@@ -73,35 +78,14 @@ class LimitLedger:
                     totals[model] = totals.get(model, 0) + n
         return totals
 
-    def hand_out(self, workers: Iterable[int]) -> dict[int, Spending]:
-        """What each of *workers* must charge: the others' spending since the previous
-        call (workers with nothing to charge left out).  Starts the next period."""
+    def hand_out(self) -> tuple[Spending | None, dict[int, Spending]]:
+        """Every worker's spending since the previous call, summed, and each worker's
+        own part of it (a worker charges the total less its own; ``None``: nothing
+        was spent).  Starts the next period."""
         spent, self._spent = self._spent, {}
         if not spent:
-            return {}
+            return None, {}
         total = Spending({}, {})
         for one in spent.values():
             total.add(one)
-        shares: dict[int, Spending] = {}
-        for worker in workers:
-            own = spent.get(worker)
-            share = total if own is None else _minus(total, own)
-            if share.per_key or share.per_ip:
-                shares[worker] = share
-        return shares
-
-
-def _minus(total: Spending, own: Spending) -> Spending:
-    """*total* without *own*: keys whose tokens came from *own* alone left out."""
-    parts = []
-    for all_of, mine in ((total.per_key, own.per_key), (total.per_ip, own.per_ip)):
-        if not mine:
-            parts.append(all_of)
-            continue
-        rest: dict[str, float] = {}
-        for key, tokens in all_of.items():
-            left = tokens - mine.get(key, 0.0)
-            if left > 0.0:
-                rest[key] = left
-        parts.append(rest)
-    return Spending(parts[0], parts[1])
+        return total, spent

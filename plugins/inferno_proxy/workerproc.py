@@ -36,7 +36,7 @@ from inferno.http.client import HTTPClient
 from inferno.lifecycle import RoleContext, role_sections
 from inferno.metrics import Registry
 from inferno.plugins import collect_named, get_plugin_manager
-from inferno_proxy.auth import ApiKeyFileError, ApiKeys, RateLimits
+from inferno_proxy.auth import ApiKeyFileError, ApiKeys, RateLimits, Spending
 from inferno_proxy.budget import RetryBudget
 from inferno_proxy.forward import ServiceApp
 from inferno_proxy.policies import RoutingPolicy
@@ -257,6 +257,7 @@ class _Worker:
     async def _listen_to_parent(
         self, channel: Channel, app: ServiceApp, stopping: anyio.Event
     ) -> None:
+        own: Spending | None = None
         while (message := await channel.receive()) is not None:
             kind = message[0]
             if kind == "state":
@@ -266,8 +267,11 @@ class _Worker:
             elif kind == "peers":
                 self.pool.set_peer_load(message[1])
                 app.queue.peer_depths = message[2]
-                if message[3] is not None and app.rate_limits is not None:
-                    app.rate_limits.charge(message[3], app.clock())
+                own = message[3]  # this worker's part of the charge that follows
+            elif kind == "charge":
+                if app.rate_limits is not None:
+                    app.rate_limits.charge(message[1].minus(own), app.clock())
+                own = None
             elif kind == "metrics?":
                 channel.send(("metrics", self.ctx.metrics.snapshot(), message[1]))
             elif kind == "reload":

@@ -81,7 +81,7 @@ from inferno_proxy.workerspawn import (
     signal_process,
     worker_command,
 )
-from inferno_proxy.workerwire import Channel, ChannelClosed, WorkerBoot
+from inferno_proxy.workerwire import Channel, ChannelClosed, WorkerBoot, frame
 
 __all__ = ["Supervisor"]
 
@@ -366,8 +366,11 @@ class Supervisor:
             self._send(worker, message)
 
     def _send(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        self._send_frame(worker, frame(message))
+
+    def _send_frame(self, worker: _Worker, data: bytes) -> None:
         try:
-            worker.channel.send(message)
+            worker.channel.send_frame(data)
         except ChannelClosed as exc:
             if worker.process.returncode is None and not self._stopping:
                 logger.error("proxy worker %d does not read its channel (%s): killing it",
@@ -442,12 +445,13 @@ class Supervisor:
     async def _send_loads_forever(self) -> None:
         while True:
             await anyio.sleep(LOAD_INTERVAL)
-            workers = list(self.workers.values())
-            charges = self.limits.hand_out(w.index for w in workers)
-            for worker in workers:
+            total, own = self.limits.hand_out()
+            charge = None if total is None else frame(("charge", total))  # pickled once
+            for worker in list(self.workers.values()):
                 index = worker.index
                 figures = (self.ledger.others(index), self.limits.others_depths(index))
-                charge = charges.get(index)
                 if figures != worker.peers_sent or charge is not None:
                     worker.peers_sent = figures
-                    self._send(worker, ("peers", *figures, charge))
+                    self._send(worker, ("peers", *figures, own.get(index)))
+                if charge is not None:
+                    self._send_frame(worker, charge)

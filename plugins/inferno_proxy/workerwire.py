@@ -9,8 +9,10 @@ first item names them::
     parent -> worker   ("boot", WorkerBoot)          first, once
                        ("state", records, removed, full)   pool snapshot / delta
                        ("peers", {node id: in flight}, {model: waiting}, Spending | None)
-                                                            the other workers' load and
-                                                            what their rate limits allowed
+                                                            the other workers' load, and
+                                                            its own share of the next charge
+                       ("charge", Spending)                 what every worker's rate limits
+                                                            allowed (one pickle for all)
                        ("reload",)                          SIGHUP: read the API keys again
                        ("metrics?", n)                      send the metrics now, answering n
     worker -> parent   ("listening", pid) | ("failed", message)
@@ -29,7 +31,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Final
 
-__all__ = ["MAX_BACKLOG", "MAX_FRAME", "Channel", "ChannelClosed", "WorkerBoot"]
+__all__ = ["MAX_BACKLOG", "MAX_FRAME", "Channel", "ChannelClosed", "WorkerBoot", "frame"]
 
 #: Largest frame on a channel: a snapshot of 10,000 nodes is a few MiB.
 MAX_FRAME: Final = 64 * 1024 * 1024
@@ -62,6 +64,12 @@ class WorkerBoot:
 # --- the channel -------------------------------------------------------------------------------
 
 
+def frame(message: tuple[Any, ...]) -> bytes:
+    """*message* as it travels: its pickle, after its length."""
+    data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(data)) + data
+
+
 class ChannelClosed(Exception):
     """Raised by :meth:`Channel.send` when the other side is gone or hung."""
 
@@ -84,11 +92,17 @@ class Channel:
 
     def send(self, message: tuple[Any, ...]) -> None:
         """Queue *message*; :raises ChannelClosed: when the peer is gone or not reading."""
+        self.send_frame(frame(message))
+
+    def send_frame(self, data: bytes) -> None:
+        """Queue a message made by :func:`frame` (one pickling for many channels).
+
+        :raises ChannelClosed: when the peer is gone or not reading.
+        """
         writer = self._writer
         if writer.is_closing():
             raise ChannelClosed("channel closed")
-        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
-        writer.write(_HEADER.pack(len(data)) + data)
+        writer.write(data)
         if writer.transport.get_write_buffer_size() > MAX_BACKLOG:
             raise ChannelClosed(f"more than {MAX_BACKLOG} bytes left unread")
 

@@ -6,22 +6,25 @@ from inferno_proxy.auth import RateLimits, Spending
 from inferno_proxy.sharedlimits import LimitLedger
 
 
-def test_each_worker_is_handed_the_others_spending_once() -> None:
+def test_each_worker_charges_the_total_less_its_own_part_once() -> None:
     ledger = LimitLedger()
     ledger.report(0, None, Spending({"team": 2.0}, {"10.0.0.1": 2.0}))
     ledger.report(1, None, Spending({"team": 1.0}, {"10.0.0.2": 1.0}))
     ledger.report(0, None, Spending({}, {"10.0.0.1": 1.0}))  # a second report adds up
-    shares = ledger.hand_out([0, 1, 2])
-    assert shares[0] == Spending({"team": 1.0}, {"10.0.0.2": 1.0})
-    assert shares[1] == Spending({"team": 2.0}, {"10.0.0.1": 3.0})
-    assert shares[2] == Spending({"team": 3.0}, {"10.0.0.1": 3.0, "10.0.0.2": 1.0})
-    assert ledger.hand_out([0, 1, 2]) == {}  # a new period: nothing spent since
+    total, own = ledger.hand_out()
+    assert total == Spending({"team": 3.0}, {"10.0.0.1": 3.0, "10.0.0.2": 1.0})
+    assert total.minus(own.get(0)) == Spending({"team": 1.0}, {"10.0.0.2": 1.0})
+    assert total.minus(own.get(1)) == Spending({"team": 2.0}, {"10.0.0.1": 3.0})
+    assert total.minus(own.get(2)) == total  # spent nothing: charges everything
+    assert ledger.hand_out() == (None, {})  # a new period: nothing spent since
 
 
-def test_a_worker_alone_in_its_spending_is_handed_nothing() -> None:
+def test_a_worker_alone_in_its_spending_charges_nothing() -> None:
     ledger = LimitLedger()
     ledger.report(0, None, Spending({"team": 2.0}, {}))
-    assert ledger.hand_out([0]) == {}
+    total, own = ledger.hand_out()
+    assert total is not None
+    assert total.minus(own[0]) == Spending({}, {})
 
 
 def test_queue_depths_of_the_others_are_summed_and_forgotten_with_a_worker() -> None:
