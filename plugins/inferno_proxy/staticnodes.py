@@ -18,6 +18,10 @@ each after a ``;``:
 
     --backends '10.0.0.5:8000;weight=2;model=llama3,10.0.0.6:8000'
     backends = ["10.0.0.5:8000;weight=2;model=meta-llama/Llama-3-8B"]
+    backends = [{ address = "10.0.0.5:8000", weight = 2, models = ["llama3"] }]
+
+(the last, a TOML table, only in a file; ``inferno config`` shows entries as
+strings either way).
 
 Commas separate entries on a command line and in a variable, which is why
 each model takes its own ``;model=``.  :class:`BackendSpec` is the setting's
@@ -42,7 +46,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeGuard
 
@@ -169,17 +173,13 @@ class BackendSpec:
     metavar: ClassVar[str] = "HOST:PORT"
 
     def parse(self, raw: object) -> StaticBackend:
+        if isinstance(raw, Mapping):
+            return _parse_table(raw)
         if not isinstance(raw, str):
             kind = "an array" if isinstance(raw, (list, tuple)) else type(raw).__name__
             raise ValueError(f"expected a 'host:port;option=value' string, got {kind}")
-        from inferno.protocol import parse_address
-
         text, *options = raw.strip().split(";")
-        address = Address().parse(text)
-        try:
-            parse_address(str(address))
-        except ValueError as exc:
-            raise ValueError(f"{_quote(text.strip())} cannot be connected to: {exc}") from None
+        address = _connectable(text)
         weight: float | None = None
         models: list[str] = []
         for option in options:
@@ -208,13 +208,59 @@ class BackendSpec:
     def describe(self) -> str:
         return (
             "host:port or [IPv6]:port, optionally followed by ;weight=W (a number > 0) and "
-            ";model=NAME (once per model), such as 10.0.0.5:8000;weight=2;model=llama3"
+            ";model=NAME (once per model), such as 10.0.0.5:8000;weight=2;model=llama3; "
+            'in TOML also a table {address = "host:port", weight = W, models = ["NAME"]}'
         )
 
     def render(self, value: Any) -> TomlValue:
         if isinstance(value, StaticBackend):
             return value.spec()
         return str(HostPort(*value))  # a plain (host, port) from code
+
+
+def _connectable(text: str) -> HostPort:
+    """*text* as an address the proxy can connect to (no wildcard host, no port 0)."""
+    from inferno.protocol import parse_address
+
+    address = Address().parse(text)
+    try:
+        parse_address(str(address))
+    except ValueError as exc:
+        raise ValueError(f"{_quote(text.strip())} cannot be connected to: {exc}") from None
+    return address
+
+
+_TABLE_KEYS: Final = ("address", "weight", "models")
+
+
+def _parse_table(raw: Mapping[Any, Any]) -> StaticBackend:
+    """The TOML table form: ``{address = "h:p", weight = 2, models = ["m"]}``."""
+    unknown = [str(key) for key in raw if key not in _TABLE_KEYS]
+    if unknown:
+        raise ValueError(
+            f"a backend table has unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"its keys are {', '.join(_TABLE_KEYS)}"
+        )
+    address = raw.get("address")
+    if not isinstance(address, str):
+        raise ValueError('a backend table needs address = "host:port"')
+    where = _connectable(address)
+    weight = raw.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise ValueError(f"{_quote(address)}: weight must be a number > 0, got {weight!r}")
+    if not (math.isfinite(weight) and weight > 0.0):
+        raise ValueError(f"{_quote(address)}: weight {weight!r} is out of range: expected > 0")
+    models = raw.get("models", [])
+    if not isinstance(models, (list, tuple)) or not all(isinstance(m, str) for m in models):
+        raise ValueError(f"{_quote(address)}: models must be an array of names")
+    if any(not m for m in models):
+        raise ValueError(f"{_quote(address)} has an empty model name")
+    if len(set(models)) != len(models):
+        raise ValueError(f"{_quote(address)} lists a model twice")
+    try:
+        return StaticBackend(where, float(weight), tuple(models))
+    except ValueError as exc:
+        raise ValueError(f"{_quote(address)}: {exc}") from None
 
 
 def _parse_weight(raw: str, value: str) -> float:

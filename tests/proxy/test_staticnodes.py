@@ -114,11 +114,50 @@ def test_a_bad_entry_is_refused_naming_its_problem(raw: str, message: str) -> No
         SPEC.parse(raw)
 
 
-def test_only_strings_are_entries() -> None:
+def test_only_strings_and_tables_are_entries() -> None:
     with pytest.raises(ValueError, match="expected a 'host:port;option=value' string, got int"):
         SPEC.parse(8000)
     with pytest.raises(ValueError, match="got an array"):
         SPEC.parse(["10.0.0.5:8000"])
+
+
+@pytest.mark.usefixtures("clean_inferno_env")
+def test_a_toml_table_is_an_entry_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    table = {"address": "10.0.0.5:8000", "weight": 2, "models": ["meta-llama/Llama-3-8B"]}
+    expected = StaticBackend(HostPort("10.0.0.5", 8000), 2.0, ("meta-llama/Llama-3-8B",))
+    assert SPEC.parse(table) == expected
+    assert SPEC.parse({"address": "10.0.0.6:8000"}) == StaticBackend(HostPort("10.0.0.6", 8000))
+    # From a file: an inline table beside a string entry, shown back as strings.
+    saved = tmp_path / "proxy.toml"
+    saved.write_text(
+        "[proxy]\n"
+        'backends = [{ address = "10.0.0.5:8000", weight = 2, models = ["meta-llama/Llama-3-8B"] },'
+        ' "10.0.0.6:8000"]\n'
+    )
+    assert main(["config", "proxy", "--config", str(saved)]) == 0
+    shown = capsys.readouterr().out
+    assert (
+        'backends = ["10.0.0.5:8000;weight=2;model=meta-llama/Llama-3-8B", "10.0.0.6:8000"]'
+        in shown
+    )
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"address": "10.0.0.5:8000", "wieght": 2}, "unknown key(s) 'wieght'"),
+        ({"weight": 2}, 'needs address = "host:port"'),
+        ({"address": "0.0.0.0:8000"}, "cannot be connected to"),
+        ({"address": "10.0.0.5:8000", "weight": 0}, "out of range"),
+        ({"address": "10.0.0.5:8000", "weight": True}, "weight must be a number"),
+        ({"address": "10.0.0.5:8000", "models": "llama3"}, "models must be an array"),
+        ({"address": "10.0.0.5:8000", "models": ["a", "a"]}, "lists a model twice"),
+        ({"address": "10.0.0.5:8000", "models": [""]}, "empty model name"),
+    ],
+)
+def test_a_bad_table_is_refused_naming_its_problem(table: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SPEC.parse(table)
 
 
 def test_a_backend_built_in_code_keeps_the_registration_rules() -> None:
