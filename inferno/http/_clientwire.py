@@ -2,15 +2,18 @@
 
 :class:`ClientWire` is an ``asyncio.Protocol`` that reads eagerly into a
 buffer: a receive with data waiting returns at once, a send is one
-``transport.write``, and a deadline is one ``loop.call_at`` armed only when a
-receive or a drain really waits.  anyio's socket stream instead pauses and
-resumes reading around every receive and yields after every send, and a
-cancel scope per phase costs about as much again.  Measured against the plain
-asyncio + h11 pool of ``bench/_baseline.py`` (client-side CPU per small
-request, a busy 2-CPU machine): about 1.8x on anyio streams, about 1.3x on this
-wire, the rest being timeouts, pool accounting and the response objects.
-Cancellation stays anyio's: a cancel scope cancels the task, which cancels the
-future a receive or a drain waits on.
+``transport.write``, and a receive's deadline costs one lazy timer per
+connection (a wait records its deadline; the timer re-arms itself when it
+fires early) instead of a ``loop.call_at`` and a cancel per wait, which on a
+streamed response was one timer per chunk.  A drain, rare, arms a timer of
+its own.  anyio's socket stream instead pauses and resumes reading around
+every receive and yields after every send, and a cancel scope per phase costs
+about as much again.  Measured against the plain asyncio + h11 pool of
+``bench/_baseline.py`` (client-side CPU per small request, a busy 2-CPU
+machine): about 1.8x on anyio streams, about 1.3x on this wire, the rest being
+timeouts, pool accounting and the response objects.  Cancellation stays
+anyio's: a cancel scope cancels the task, which cancels the future a receive
+or a drain waits on.
 
 TLS is asyncio's own (``create_connection(ssl=...)``), so one protocol class
 serves both schemes.  The client therefore needs anyio's asyncio backend
@@ -76,12 +79,15 @@ class ClientWire(asyncio.Protocol):
         "_buffered",
         "_chunks",
         "_closed",
+        "_deadline",
         "_drain_waiter",
         "_eof",
         "_error",
         "_loop",
         "_read_paused",
         "_read_waiter",
+        "_timer",
+        "_timer_at",
         "_transport",
         "_write_paused",
     )
@@ -98,6 +104,11 @@ class ClientWire(asyncio.Protocol):
         self._write_paused = False
         self._read_waiter: asyncio.Future[bool] | None = None
         self._drain_waiter: asyncio.Future[bool] | None = None
+        # The read deadline's lazy timer (as in the server's AsyncioWire): a kept-alive
+        # connection costs about one timer event per read timeout, not one per receive.
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     # -- asyncio.Protocol callbacks ------------------------------------------------
 
@@ -123,6 +134,7 @@ class ClientWire(asyncio.Protocol):
         _wake(self._read_waiter)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
         self._eof = True
         self._error = exc
         _wake(self._read_waiter)
@@ -164,13 +176,15 @@ class ClientWire(asyncio.Protocol):
             if self._eof or self._closed:
                 return self._at_end()
             waiter = self._read_waiter = self._loop.create_future()
-            timer = None if deadline is None else self._loop.call_at(deadline, _wake, waiter, True)
+            if deadline is not None:
+                self._deadline = deadline
+                if self._timer is None or self._timer_at > deadline:
+                    self._arm(deadline)
             try:
                 timed_out = await waiter
             finally:
                 self._read_waiter = None
-                if timer is not None:
-                    timer.cancel()
+                self._deadline = None
             if not chunks:
                 if timed_out:
                     raise TimeoutError
@@ -183,6 +197,28 @@ class ClientWire(asyncio.Protocol):
             assert self._transport is not None
             self._transport.resume_reading()
         return data
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._on_timer)
+        self._timer_at = when
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None or self._read_waiter is None:
+            return  # nobody waits now; the next wait arms the timer again
+        if self._loop.time() >= deadline:
+            _wake(self._read_waiter, True)
+        else:
+            self._arm(deadline)
+
+    def _cancel_timer(self) -> None:
+        # A closed connection must not stay referenced by the loop until its timer fires.
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _at_end(self) -> bytes:
         if self._closed or self._error is not None:
@@ -218,6 +254,7 @@ class ClientWire(asyncio.Protocol):
         messages, so nothing is lost that the peer could have relied on.
         """
         self._closed = True
+        self._cancel_timer()
         if self._transport is not None:
             self._transport.abort()
         _wake(self._read_waiter)

@@ -215,3 +215,26 @@ async def test_read_timeout_against_a_slow_handler(server) -> None:
         with pytest.raises(ReadTimeout, match="sent nothing"):
             await client.request("GET", info.url + "/")
         assert_settled(client)
+
+
+async def test_read_deadlines_of_successive_requests_on_one_connection(server) -> None:
+    # The wire keeps one lazy read timer per connection: a timer armed for an
+    # earlier, shorter deadline must not cut a later, longer wait short, and one
+    # armed for a later deadline must not let a shorter one overrun.
+    async def handler(request: Request) -> Response:
+        if request.path == "/slow":
+            await anyio.sleep(1.0)
+        elif request.path == "/never":
+            await anyio.sleep_forever()
+        return Response(200, body=b"ok")
+
+    short, long = Timeouts(read=0.5), Timeouts(read=30)
+    async with server(handler) as info, HTTPClient() as client:
+        assert (await client.request("GET", info.url + "/", timeouts=short)).status == 200
+        slow = await client.request("GET", info.url + "/slow", timeouts=Timeouts(read=5))
+        assert slow.status == 200
+        assert (await client.request("GET", info.url + "/", timeouts=long)).status == 200
+        with anyio.fail_after(GUARD), pytest.raises(ReadTimeout, match="sent nothing"):
+            await client.request("GET", info.url + "/never", timeouts=short)
+        assert client.pool_stats().opened == 1  # all four on one connection
+        assert_settled(client)
