@@ -28,11 +28,11 @@ cleanup short).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import math
 import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -472,10 +472,14 @@ class HTTPClient:
 
 
 def _now() -> float:
-    """The event loop's clock, as ``anyio.current_time()`` reads it on asyncio, minus
-    anyio's backend lookup (this runs twice per request).
+    """The pool's clock: monotonic seconds (asyncio's loop clock is the same one).
+
+    The pool compares only its own timestamps, so it need not ask the running
+    loop, which on Python 3.11 costs a ``getpid()`` system call per lookup
+    (asyncio checks that the loop belongs to this process); this runs twice
+    per request.
     """
-    return asyncio.get_running_loop().time()
+    return time.monotonic()
 
 
 def _close_all(connections: list[ClientConnection]) -> None:

@@ -152,8 +152,8 @@ class PoolScheduler(Generic[C]):
     """Per-origin keep-alive scheduling: at most ``max_per_origin`` connections each.
 
     ``idle_timeout`` (seconds) is how long an unused connection is kept; times
-    are the caller's clock (``anyio.current_time()``), passed in so tests
-    control them.
+    are the caller's monotonic clock (the client's is ``time.monotonic()``),
+    passed in so tests control them.
     """
 
     def __init__(self, max_per_origin: int, idle_timeout: float) -> None:
