@@ -38,6 +38,7 @@ __all__ = [
     "REASONS",
     "body_too_large",
     "client_gone",
+    "date_head_end",
     "encode_headers",
     "has_obs_fold",
     "head_too_large",
@@ -161,16 +162,24 @@ def protocol_error(exc: h11.RemoteProtocolError) -> HTTPError:
 
 _date_second = -1
 _date_value = b""
+_date_end = b""
 
 
 def http_date() -> bytes:
     """The ``Date`` header value (RFC 9110 §6.6.1), formatted once per second."""
-    global _date_second, _date_value
+    global _date_second, _date_value, _date_end
     now = int(time.time())
     if now != _date_second:
         _date_value = formatdate(now, usegmt=True).encode("ascii")
+        _date_end = b"date: %s\r\n\r\n" % _date_value
         _date_second = now
     return _date_value
+
+
+def date_head_end() -> bytes:
+    """The ``Date`` field line and the empty line that ends a head, for the current second."""
+    http_date()
+    return _date_end
 
 
 def encode_headers(pairs: Iterable[HeaderPair]) -> list[tuple[bytes, bytes]]:

@@ -46,9 +46,9 @@ from inferno.http._responses import (
     REASONS,
     body_too_large,
     client_gone,
+    date_head_end,
     encode_headers,
     has_obs_fold,
-    http_date,
     inspect_head,
     internal_error,
     judge_eof,
@@ -355,19 +355,24 @@ class ServerConnection:
                 has_framing = True
             elif lname == b"date":
                 has_date = True
-        if not has_date:
-            headers.append((b"date", http_date()))
         if must_close:
             headers.append((b"connection", b"close"))
         if length is not None and not has_framing and status not in NO_BODY_STATUSES:
             headers.append((b"content-length", b"%d" % length))
         try:
-            return self._h11.send(
+            head = self._h11.send(
                 h11.Response(status_code=status, headers=headers, reason=REASONS.get(status, b""))
             )
         except h11.LocalProtocolError as exc:
             logger.error("handler returned an invalid response (%s): %s", response, exc)
             return None
+        if has_date or head is None:
+            return head
+        # Our Date goes in after h11 encoded the head (which ends with an empty
+        # line): h11 has no use for it, and a value from our own clock needs none
+        # of the two regular expressions h11 runs on every field; through h11 it
+        # cost about 3 % of a small request's CPU (callgrind).
+        return head[:-2] + date_head_end()
 
     async def _fail_invalid(self) -> bool:
         if self._h11.our_state is h11.SEND_RESPONSE:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import json
 import logging
@@ -157,6 +158,36 @@ async def test_head_request_gets_headers_without_body(wire_mode: str) -> None:
     assert response.status == 200
     assert response.header("content-length") == str(len(b'{"hello":"world"}'))
     assert data.endswith(b"\r\n\r\n")  # nothing after the head
+
+
+async def test_every_response_carries_one_date(wire_mode: str) -> None:
+    # RFC 9110 §6.6.1: an origin server with a clock sends Date; ours is added to
+    # the encoded head, a handler's own is kept instead.
+    async def handler(request: Request) -> Response:
+        if request.path == "/own":
+            return Response(200, [("Date", "Tue, 01 Jan 2030 00:00:00 GMT")], b"own")
+        if request.path == "/stream":
+
+            async def pieces() -> AsyncIterator[bytes]:
+                yield b"streamed"
+
+            return Response(200, body=pieces())
+        return Response(204 if request.path == "/empty" else 200, body=b"")
+
+    requests = b"".join(
+        b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path for path in (b"/", b"/empty", b"/stream")
+    )
+    requests += b"GET /own HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    async with running_server(handler) as info:
+        data = await exchange(info.port, requests)
+    responses = parse_responses(data)
+    assert [r.status for r in responses] == [200, 204, 200, 200]
+    assert [r.body for r in responses] == [b"", b"", b"streamed", b"own"]
+    for response in responses:
+        assert len(response.headers.get_all("date") or []) == 1
+    assert responses[3].header("date") == "Tue, 01 Jan 2030 00:00:00 GMT"
+    for response in responses[:3]:
+        assert email.utils.parsedate_to_datetime(response.header("date") or "").tzinfo
 
 
 async def test_http_1_0_client_gets_a_close_delimited_stream(wire_mode: str) -> None:
